@@ -1,0 +1,202 @@
+"""The `llmesh` command."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import grpc
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmesh import client
+from llmesh.common.events import ReleaseMode
+from llmesh.stack import processes, stack
+from llmesh.stack.layout import SERVICES, StackLayout
+from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+app = typer.Typer(
+    help="llmesh: an event-driven mesh serving language models through Triton.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Demo models.", no_args_is_help=True, pretty_exceptions_enable=False)
+release_app = typer.Typer(help="Release events.", no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(model_app, name="model")
+app.add_typer(release_app, name="release")
+console = Console()
+err_console = Console(stderr=True)
+
+HomeOpt = Annotated[Path, typer.Option(envvar="LLMESH_HOME", help="the embedded stack's folder")]
+
+
+def _say(line: str) -> None:
+    console.print(f"[bold cyan]llmesh[/] {line}")
+
+
+def _layout(home: Path) -> StackLayout:
+    layout = StackLayout.load(home.resolve())
+    if layout is None:
+        err_console.print(f"no stack in {home}: run llmesh up")
+        raise typer.Exit(2)
+    return layout
+
+
+@app.command()
+def up(
+    home: HomeOpt = Path(".llmesh"),
+    free_ports: Annotated[bool, typer.Option(help="pick free ports instead of the defaults")] = False,
+) -> None:
+    """Start broker, Redis, tritonserver and the four services; serve the demo model."""
+    started = time.perf_counter()
+    try:
+        layout = stack.up(home.resolve(), _say, free_ports=free_ports)
+    except processes.StartFailed as err:
+        err_console.print(f"[red]llmesh up failed:[/] {err}")
+        raise typer.Exit(1) from err
+    _say(f"up in {time.perf_counter() - started:.1f}s")
+    _print_status(layout)
+
+
+@app.command()
+def down(home: HomeOpt = Path(".llmesh")) -> None:
+    """Stop every process of the stack."""
+    stack.down(home.resolve(), _say)
+
+
+@app.command()
+def status(home: HomeOpt = Path(".llmesh")) -> None:
+    """Processes, addresses and health of the stack."""
+    _print_status(_layout(home))
+
+
+def _print_status(layout: StackLayout) -> None:
+    table = Table(title=f"llmesh stack in {layout.home}")
+    for column in ("process", "pid", "listens on", "health", "metrics"):
+        table.add_column(column)
+    for name in ("broker", "redis", "tritonserver", *SERVICES):
+        pid = processes.pid_of(layout, name)
+        port = layout.ports.get(name) or layout.ports.get("triton_grpc")
+        health = client.health_status(layout.address(name)) if name in SERVICES else ("running" if pid else "stopped")
+        metrics = f"http://127.0.0.1:{layout.ports[name + '_metrics']}/metrics" if name in SERVICES else ""
+        table.add_row(name, str(pid or "-"), f"127.0.0.1:{port}", health, metrics)
+    console.print(table)
+    console.print(f"logs: {layout.logs}")
+
+
+def _gateway(home: Path, gateway: str | None) -> gateway_pb2_grpc.GatewayStub:
+    address = gateway or _layout(home).address("gateway")
+    return gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(address))
+
+
+@app.command()
+def generate(
+    prompt: str,
+    model: str = "chat",
+    stream: Annotated[bool, typer.Option("--stream", help="print tokens as they arrive")] = False,
+    max_tokens: Optional[int] = None,  # noqa: UP045 - typer needs Optional
+    temperature: Optional[float] = None,  # noqa: UP045
+    top_p: Optional[float] = None,  # noqa: UP045
+    seed: Optional[int] = None,  # noqa: UP045
+    stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None,  # noqa: UP045
+    gateway: Annotated[Optional[str], typer.Option(help="gateway host:port (default: the local stack)")] = None,  # noqa: UP045
+    home: HomeOpt = Path(".llmesh"),
+) -> None:
+    """Generate text through the gateway."""
+    sampling = common_pb2.SamplingParams(stop=stop or [])
+    for field, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            setattr(sampling, field, value)
+    request = gateway_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling)
+    stub = _gateway(home, gateway)
+    try:
+        if stream:
+            last = None
+            for chunk in stub.GenerateStream(request, timeout=120):
+                console.print(chunk.text, end="", markup=False, highlight=False)
+                last = chunk
+            console.print()
+            if last is not None:
+                _say(
+                    f"{last.model}@{last.version}, {common_pb2.FinishReason.Name(last.finish_reason)}, {last.usage.completion_tokens} tokens"
+                )
+        else:
+            reply = stub.Generate(request, timeout=120)
+            console.print(reply.text, markup=False, highlight=False)
+            _say(
+                f"{reply.model}@{reply.version}, {common_pb2.FinishReason.Name(reply.finish_reason)}, {reply.usage.completion_tokens} tokens"
+            )
+    except grpc.RpcError as err:
+        err_console.print(f"[red]{err.code().name}[/]: {err.details()}")
+        raise typer.Exit(1) from err
+
+
+@app.command()
+def models(home: HomeOpt = Path(".llmesh"), gateway: Optional[str] = None) -> None:  # noqa: UP045
+    """Models, their versions and states, as the gateway sees them."""
+    reply = _gateway(home, gateway).ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
+    table = Table("model", "version", "state", "primary", "label", "reason")
+    for info in reply.models:
+        for v in info.versions:
+            state = common_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_")
+            table.add_row(info.name, str(v.version), state, "*" if v.version == info.primary_version else "", v.label, v.reason)
+    console.print(table)
+
+
+@model_app.command("build")
+def model_build(
+    out: Annotated[Path, typer.Option(help="folder that receives one sub-folder per version")] = Path(".llmesh/models"),
+    version: Annotated[Optional[list[int]], typer.Option(help="demo version(s) to build (default: all)")] = None,  # noqa: UP045
+    force: bool = False,
+) -> None:
+    """Train the demo models (small GPT-style causal LMs, Hugging Face layout) on this CPU."""
+    from llmesh.lm.build import DEMO_RECIPES, build_model  # torch: imported only when needed
+
+    for number in version or sorted(DEMO_RECIPES):
+        target = out / f"{stack.DEMO_MODEL}-v{number}"
+        if (target / "model.safetensors").exists() and not force:
+            _say(f"{target} exists (use --force to rebuild)")
+            continue
+        _say(f"building {target}")
+        summary = build_model(DEMO_RECIPES[number], target)
+        console.print_json(json.dumps(summary))
+
+
+@release_app.command("publish")
+def release_publish(
+    model: Annotated[str, typer.Option()],
+    version: Annotated[int, typer.Option()],
+    artifacts: Annotated[Path, typer.Option(help="the version's Hugging Face folder")],
+    mode: ReleaseMode = ReleaseMode.SWAP,
+    label: str = "",
+    author: str = "",
+    reason: str = "",
+    bootstrap: Annotated[Optional[str], typer.Option(help="Kafka bootstrap (default: the local stack)")] = None,  # noqa: UP045
+    home: HomeOpt = Path(".llmesh"),
+) -> None:
+    """Publish a release event (sha256 of every artifact file computed here)."""
+    event = client.release_for(model, version, artifacts, mode=mode, label=label, author=author, reason=reason)
+    asyncio.run(client.publish_release(bootstrap or _layout(home).address("broker"), event))
+    _say(f"published {event.event_id}: {model} v{version} ({mode.value})")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(ctx: typer.Context, service: Annotated[str, typer.Argument(help="gateway, tokenize, infer or eval")]) -> None:
+    """Run one service in the foreground (settings from flags and LLMESH_* variables)."""
+    if service not in SERVICES:
+        err_console.print(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+        raise typer.Exit(2)
+    raise typer.Exit(importlib.import_module(f"services.{service}.app").main(ctx.args))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Release events as pydantic models: validated at the edge whether they arrive as protobuf or JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmesh.common import topics
+from llmesh.v1 import events_pb2
+
+
+class ReleaseMode(StrEnum):
+    SWAP = "swap"
+    SHADOW = "shadow"
+    CANARY = "canary"
+    ROLLBACK = "rollback"
+    RETIRE = "retire"
+
+
+class InvalidEvent(ValueError):
+    """An event that cannot be applied; the message says why."""
+
+
+class ReleaseEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    model: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    version: int = Field(ge=1, le=2**31 - 1)
+    label: str = Field(default="", max_length=128)
+    artifact_uri: str = Field(min_length=1, max_length=4096)
+    sha256: dict[str, str] = Field(default_factory=dict)
+    mode: ReleaseMode = ReleaseMode.SWAP
+    share_percent: int = Field(default=100, ge=0, le=100)
+    author: str = Field(default="", max_length=256)
+    reason: str = Field(default="", max_length=2048)
+    signature: str = ""
+    created_at: float = Field(default_factory=time.time)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, digest in value.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"sha256 of {name!r} is not 64 lowercase hex digits")
+        return value
+
+    def artifact_dir(self) -> Path:
+        parsed = urlparse(self.artifact_uri)
+        if parsed.scheme in ("", "file"):
+            return Path(parsed.path if parsed.scheme else self.artifact_uri)
+        raise InvalidEvent(f"artifact_uri scheme {parsed.scheme!r} is not supported (use a directory or file://)")
+
+    def canonical_bytes(self) -> bytes:
+        """What the HMAC signature covers: every field but the signature, as sorted JSON."""
+        return json.dumps(self.model_dump(mode="json", exclude={"signature"}), sort_keys=True).encode()
+
+    def signed(self, key: bytes) -> ReleaseEvent:
+        return self.model_copy(update={"signature": hmac.new(key, self.canonical_bytes(), hashlib.sha256).hexdigest()})
+
+    def to_proto(self) -> events_pb2.ReleaseEvent:
+        data = self.model_dump(exclude={"mode"})
+        return events_pb2.ReleaseEvent(**data, mode=events_pb2.ReleaseMode.Value(f"RELEASE_MODE_{self.mode.name}"))
+
+    @classmethod
+    def from_proto(cls, msg: events_pb2.ReleaseEvent) -> ReleaseEvent:
+        mode = events_pb2.ReleaseMode.Name(msg.mode).removeprefix("RELEASE_MODE_").lower()
+        return cls(
+            event_id=msg.event_id,
+            model=msg.model,
+            version=msg.version,
+            label=msg.label,
+            artifact_uri=msg.artifact_uri,
+            sha256=dict(msg.sha256),
+            mode=ReleaseMode(mode) if mode != "unspecified" else ReleaseMode.SWAP,
+            share_percent=msg.share_percent,
+            author=msg.author,
+            reason=msg.reason,
+            signature=msg.signature,
+            created_at=msg.created_at or time.time(),
+        )
+
+    @classmethod
+    def parse(cls, payload: bytes, content_type: str) -> ReleaseEvent:
+        """Decode a release event from either wire form; raise InvalidEvent with the reason."""
+        try:
+            if content_type == topics.CONTENT_TYPE_PROTOBUF:
+                return cls.from_proto(events_pb2.ReleaseEvent.FromString(payload))
+            return cls.model_validate_json(payload)
+        except ValidationError as err:
+            raise InvalidEvent(f"invalid release event: {_summarize(err)}") from err
+        except Exception as err:  # protobuf DecodeError and friends
+            raise InvalidEvent(f"undecodable release event: {err}") from err
+
+
+def _summarize(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:5])
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every regular file of a model directory, by name."""
+    return {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}

@@ -1,0 +1,130 @@
+"""Kafka wiring shared by the services: a low-latency FastStream broker, topic creation, message
+headers, and the dead-letter publisher."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from faststream.kafka import KafkaBroker, KafkaMessage
+from google.protobuf.message import Message
+
+from llmesh.common import tansu_compat, topics
+from llmesh.common.settings import KafkaSettings
+from llmesh.common.topics import Header
+
+log = logging.getLogger("llmesh.kafka")
+tansu_compat.apply()
+
+
+def make_broker(settings: KafkaSettings, client_id: str) -> KafkaBroker:
+    """A broker tuned for latency: no linger, leader-only acks, no auto-created topics."""
+    return KafkaBroker(
+        settings.bootstrap,
+        client_id=client_id,
+        linger_ms=0,
+        acks=1,
+        enable_idempotence=False,  # InitProducerId v0 (aiokafka) is not supported by the embedded broker
+        request_timeout_ms=settings.request_timeout_ms,
+        allow_auto_create_topics=False,
+        graceful_timeout=None,
+        apply_types=False,
+        logger=None,  # handlers log for themselves, as JSON
+    )
+
+
+def consumer_options(settings: KafkaSettings, group_id: str | None, *, from_start: bool = False) -> dict[str, Any]:
+    """Subscriber arguments; short sessions because the embedded broker delays each join by half of one."""
+    options: dict[str, Any] = {
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "auto_offset_reset": "earliest" if from_start else "latest",
+    }
+    if group_id:
+        options |= {
+            "group_id": group_id,
+            "session_timeout_ms": settings.session_timeout_ms,
+            "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        }
+    return options
+
+
+async def ensure_topics(bootstrap: str, extra: Mapping[str, int] | None = None) -> list[str]:
+    """Create every mesh topic that does not exist yet; returns the names created."""
+    specs = [NewTopic(t.name, t.partitions, 1, topic_configs=_configs(t)) for t in topics.TOPICS]
+    specs += [NewTopic(name, parts, 1) for name, parts in (extra or {}).items()]
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="llmesh-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another service raced us
+                await admin.create_topics(missing)
+        return [s.name for s in missing]
+    finally:
+        await admin.close()
+
+
+def _configs(spec: topics.TopicSpec) -> dict[str, str]:
+    return {"cleanup.policy": "compact"} if spec.compacted else {}
+
+
+MessageHandler = Callable[[KafkaMessage], Awaitable[None]]
+
+
+def subscribe(broker: KafkaBroker, topic: str, options: dict[str, Any], handler: MessageHandler) -> Any:
+    """Register `handler` for `topic`; it receives the whole message (body, headers, record)."""
+
+    async def on_message(_body: Any) -> None:
+        msg: KafkaMessage = broker.context.get_local("message")
+        try:
+            await handler(msg)
+        except Exception:
+            log.exception("handler failed", extra={"topic": topic})
+
+    subscriber = broker.subscriber(topic, **options)
+    subscriber(on_message)
+    return subscriber
+
+
+def headers_for(message: Message, request_id: str = "", **extra: str) -> dict[str, str]:
+    """Standard headers of a protobuf payload."""
+    out = {
+        Header.CONTENT_TYPE: topics.CONTENT_TYPE_PROTOBUF,
+        Header.SCHEMA: message.DESCRIPTOR.full_name,
+    }
+    if request_id:
+        out[Header.REQUEST_ID] = request_id
+    out.update({k: v for k, v in extra.items() if v})
+    return out
+
+
+def header(msg: KafkaMessage, name: str) -> str:
+    value = msg.headers.get(name, "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class DeadLetters:
+    """Sends a message that cannot be processed to the dead-letter topic, byte for byte, with why."""
+
+    def __init__(self, broker: KafkaBroker, service: str) -> None:
+        self.broker = broker
+        self.service = service
+
+    async def send(self, msg: KafkaMessage, reason: str) -> None:
+        record = msg.raw_message
+        raw = record if not isinstance(record, tuple) else record[0]
+        headers = {k: (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in msg.headers.items()}
+        headers |= {
+            Header.DLQ_REASON: reason[:2000],
+            Header.DLQ_TOPIC: raw.topic,
+            Header.DLQ_PARTITION: str(raw.partition),
+            Header.DLQ_OFFSET: str(raw.offset),
+            Header.DLQ_SERVICE: self.service,
+        }
+        log.warning("dead-lettered", extra={"reason": reason, "topic": raw.topic, "offset": raw.offset})
+        await self.broker.publish(msg.body, topics.DEAD_LETTER, key=raw.key, headers=headers)

@@ -1,0 +1,106 @@
+"""What every service process shares: gRPC server with health and reflection, Prometheus /metrics,
+structured logs, and graceful shutdown (SIGTERM: report NOT_SERVING, drain in-flight work, exit 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from llmesh.common import logs
+from llmesh.common.settings import ServiceSettings
+
+log = logging.getLogger("llmesh.serving")
+
+
+class Service(Protocol):
+    """A service: its gRPC servicers plus the background work (Kafka consumers) it runs."""
+
+    name: str
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        """Add servicers to `server`; return their full service names (for health and reflection)."""
+
+    async def start(self) -> None: ...
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking new work and wait up to `timeout` seconds for in-flight work."""
+
+    async def stop(self) -> None: ...
+
+
+class InFlight:
+    """Tracks background tasks so that shutdown can wait for them; bounds how many run at once."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.accepting = True
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Start `coro` once a slot is free (callers block here: that is the backpressure)."""
+        await self._slots.acquire()
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def drain(self, timeout: float) -> None:
+        self.accepting = False
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("drain timed out", extra={"cancelled": len(pending)})
+
+
+async def run_service(service: Service, settings: ServiceSettings, ready: Callable[[], Awaitable[None]] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully. Returns the process exit code."""
+    logs.configure(service.name, settings.log_level)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    names = service.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving",
+        extra={"grpc": f"{settings.grpc_host}:{port}", "metrics": f"{settings.metrics_host}:{metrics_server.server_port}"},
+    )
+    if ready:
+        await ready()
+    await stop.wait()
+    log.info("shutting down: draining in-flight work", extra={"drain_seconds": settings.drain_seconds})
+    await health_servicer.enter_graceful_shutdown()
+    # RPCs first (they may wait on Kafka replies, so Kafka stays up), then Kafka-driven work.
+    await server.stop(grace=settings.drain_seconds)
+    await service.drain(settings.drain_seconds)
+    await service.stop()
+    metrics_server.shutdown()
+    log.info("stopped")
+    return 0

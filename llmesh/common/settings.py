@@ -1,0 +1,46 @@
+"""Settings shared by every service; each service extends `ServiceSettings` with its own fields.
+
+Values come from the command line (`--grpc-port 50051`), then `LLMESH_*` environment variables
+(`LLMESH_KAFKA__BOOTSTRAP=...`), then defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    bootstrap: str = "127.0.0.1:19092"
+    # The embedded broker answers a waiting fetch only when this wait expires: it bounds latency per hop.
+    fetch_max_wait_ms: int = Field(default=5, ge=1, le=1000)
+    session_timeout_ms: int = Field(default=3000, ge=500)
+    heartbeat_interval_ms: int = Field(default=500, ge=100)
+    request_timeout_ms: int = 5000
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLMESH_", env_nested_delimiter="__", cli_kebab_case=True, cli_implicit_flags=True, extra="ignore"
+    )
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    kafka: KafkaSettings = KafkaSettings()
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    log_level: str = "INFO"
+    drain_seconds: float = Field(default=30.0, ge=0, description="how long SIGTERM waits for in-flight work")
+    max_in_flight: int = Field(default=256, ge=1, description="requests handled at once before consumers pause")
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings(cls: type[S], argv: Sequence[str] | None) -> S:
+    """Parse `argv` (CLI flags) over the environment."""
+    return cls(_cli_parse_args=list(argv or []), _cli_prog_name=f"llmesh serve {cls.__name__}")  # type: ignore[call-arg]

@@ -1,0 +1,62 @@
+"""Every Kafka topic, header and key convention of the mesh, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GENERATE_REQUESTS = "llmesh.generate.requests"  # gateway -> tokenize (GenerateTask)
+INFER_REQUESTS = "llmesh.infer.requests"  # tokenize -> infer (InferTask)
+INFER_TOKENS = "llmesh.infer.tokens"  # infer -> tokenize (TokenChunk)
+REPLIES_PREFIX = "llmesh.replies."  # tokenize -> one gateway (TextChunk); + gateway id
+GENERATE_RESULTS = "llmesh.generate.results"  # gateway -> eval (GenerationRecord)
+RELEASES = "llmesh.releases"  # operators -> infer/tokenize (ReleaseEvent, protobuf or JSON); compacted
+MODEL_STATUS = "llmesh.model.status"  # infer -> anyone (ModelStatusEvent)
+DEAD_LETTER = "llmesh.dlq"  # original payload + reason headers
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    compacted: bool = False
+
+
+# Partition counts are final: the embedded broker cannot add partitions later.
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(GENERATE_REQUESTS, 4),
+    TopicSpec(INFER_REQUESTS, 4),
+    TopicSpec(INFER_TOKENS, 4),
+    TopicSpec(GENERATE_RESULTS, 2),
+    TopicSpec(RELEASES, 1, compacted=True),
+    TopicSpec(MODEL_STATUS, 1),
+    TopicSpec(DEAD_LETTER, 1),
+)
+REPLY_PARTITIONS = 1
+
+
+def reply_topic(gateway_id: str) -> str:
+    return f"{REPLIES_PREFIX}{gateway_id}"
+
+
+class Header:
+    """Kafka header names (values are UTF-8 bytes)."""
+
+    REQUEST_ID = "request-id"
+    TRACEPARENT = "traceparent"
+    CONTENT_TYPE = "content-type"
+    SCHEMA = "schema"  # protobuf full message name, e.g. llmesh.v1.GenerateTask
+    REPLY_TO = "reply-to"
+    DLQ_REASON = "dlq-reason"
+    DLQ_TOPIC = "dlq-original-topic"
+    DLQ_PARTITION = "dlq-original-partition"
+    DLQ_OFFSET = "dlq-original-offset"
+    DLQ_SERVICE = "dlq-service"
+
+
+CONTENT_TYPE_PROTOBUF = "application/x-protobuf"
+CONTENT_TYPE_JSON = "application/json"
+
+# Consumer groups: replicas of one service share work; a group per replica when each must see all.
+GROUP_TOKENIZE = "llmesh-tokenize"
+GROUP_INFER = "llmesh-infer"
+GROUP_EVAL = "llmesh-eval"

@@ -1,0 +1,81 @@
+"""Where the embedded stack lives: its home folder, ports, and the files it writes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel
+
+DEFAULT_PORTS = {
+    "broker": 19092,
+    "redis": 16379,
+    "triton_http": 18000,
+    "triton_grpc": 18001,
+    "triton_metrics": 18002,
+    "gateway": 50051,
+    "tokenize": 50052,
+    "infer": 50053,
+    "eval": 50054,
+    "gateway_metrics": 9101,
+    "tokenize_metrics": 9102,
+    "infer_metrics": 9103,
+    "eval_metrics": 9104,
+}
+SERVICES = ("infer", "tokenize", "eval", "gateway")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LLMESH_HOME", ".llmesh")).resolve()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StackLayout(BaseModel):
+    home: Path
+    ports: dict[str, int]
+    models_dir: Path
+
+    @classmethod
+    def create(cls, home: Path, *, free_ports: bool = False, models_dir: Path | None = None) -> StackLayout:
+        ports = {name: free_port() for name in DEFAULT_PORTS} if free_ports else dict(DEFAULT_PORTS)
+        env_models = os.environ.get("LLMESH_MODELS_DIR")
+        models = models_dir or (Path(env_models).resolve() if env_models else home / "models")
+        return cls(home=home, ports=ports, models_dir=models)
+
+    @classmethod
+    def load(cls, home: Path) -> StackLayout | None:
+        path = home / "stack.json"
+        return cls.model_validate_json(path.read_text()) if path.exists() else None
+
+    def save(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "stack.json").write_text(self.model_dump_json(indent=2))
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def pids(self) -> Path:
+        return self.home / "pids"
+
+    @property
+    def triton_repository(self) -> Path:
+        return self.home / "triton" / "models"
+
+    @property
+    def triton_backends(self) -> Path:
+        return self.home / "triton" / "backends"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports['redis']}/0"

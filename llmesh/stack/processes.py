@@ -1,0 +1,128 @@
+"""Start and stop the stack's local processes, each in its own process group with its own log."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from llmesh.stack.layout import StackLayout
+
+
+class StartFailed(RuntimeError):
+    pass
+
+
+def start(layout: StackLayout, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    layout.pids.mkdir(parents=True, exist_ok=True)
+    # An empty working directory: Python puts the cwd on sys.path, and a folder there named like a
+    # package (e.g. "triton") would shadow the real one inside Triton's python stubs.
+    workdir = layout.home / "run"
+    workdir.mkdir(exist_ok=True)
+    with (layout.logs / f"{name}.log").open("ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own group: stopping it also stops its children (Triton's stubs)
+            cwd=workdir,
+        )
+    (layout.pids / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def pid_of(layout: StackLayout, name: str) -> int | None:
+    path = layout.pids / f"{name}.pid"
+    if not path.exists():
+        return None
+    pid = int(path.read_text())
+    return pid if alive(pid) else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _state(pid) != "Z"
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "?"
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return any(
+        _state(int(p.name)) not in ("Z", "?") for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == pgid
+    )
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return -1
+
+
+def stop(layout: StackLayout, name: str, timeout: float = 20.0) -> bool:
+    """SIGTERM the process group, wait, then SIGKILL what is left. True if it was running."""
+    path = layout.pids / f"{name}.pid"
+    if not path.exists():
+        return False
+    pgid = int(path.read_text())  # started with start_new_session: pid == pgid
+    was_running = _group_alive(pgid)
+    if was_running:
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+            while _group_alive(pgid) and time.monotonic() < deadline + 5:
+                time.sleep(0.05)
+    _reap(pgid)
+    path.unlink(missing_ok=True)
+    return was_running
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def wait_for_port(port: int, timeout: float, name: str, pid: int | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid is not None and not alive(pid):
+            raise StartFailed(f"{name} exited during start-up; see its log")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise StartFailed(f"{name} did not open port {port} within {timeout:.0f}s")

@@ -1,0 +1,172 @@
+"""`llmesh up` / `down` / `status`: the whole mesh as local processes on one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from llmesh import client
+from llmesh.common import kafka
+from llmesh.common.registry import Registry
+from llmesh.stack import binaries, processes
+from llmesh.stack.layout import SERVICES, StackLayout
+
+DEMO_MODEL = "chat"
+Report = Callable[[str], None]
+# Stop order: clients of a server stop before the server.
+STOP_ORDER = ("gateway", "tokenize", "eval", "infer", "tritonserver", "redis", "broker")
+
+
+def demo_model_dir(layout: StackLayout, version: int) -> Path:
+    return layout.models_dir / f"{DEMO_MODEL}-v{version}"
+
+
+def ensure_demo_models(layout: StackLayout, report: Report) -> None:
+    from llmesh.lm.build import DEMO_RECIPES, build_model  # torch: imported only when needed
+
+    for version, recipe in DEMO_RECIPES.items():
+        target = demo_model_dir(layout, version)
+        if (target / "model.safetensors").exists():
+            continue
+        report(f"building demo model {DEMO_MODEL} v{version} (CPU, about a minute)")
+        staging = target.with_name(target.name + ".building")
+        summary = build_model(recipe, staging)
+        staging.rename(target)
+        report(f"  built in {summary['build_seconds']}s, final loss {summary['final_loss']}")
+
+
+def running(layout: StackLayout) -> list[str]:
+    return [name for name in STOP_ORDER if processes.pid_of(layout, name)]
+
+
+def _start_infrastructure(layout: StackLayout, report: Report) -> None:
+    p = layout.ports
+    pid = processes.start(
+        layout,
+        "broker",
+        [
+            str(binaries.tansu()),
+            "broker",
+            "--listener-url", f"tcp://127.0.0.1:{p['broker']}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{p['broker']}",
+            "--storage-engine", "memory://tansu/",
+        ],
+    )  # fmt: skip
+    processes.wait_for_port(p["broker"], 15, "broker", pid)
+    redis_dir = layout.home / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    pid = processes.start(
+        layout,
+        "redis",
+        [str(binaries.redis_server()), "--port", str(p["redis"]), "--bind", "127.0.0.1", "--save", "", "--dir", str(redis_dir)],
+    )
+    processes.wait_for_port(p["redis"], 15, "redis", pid)
+    layout.triton_repository.mkdir(parents=True, exist_ok=True)
+    backends = binaries.build_triton_backends(layout.triton_backends)
+    pid = processes.start(
+        layout,
+        "tritonserver",
+        [
+            str(binaries.triton_root() / "bin" / "tritonserver"),
+            f"--model-repository={layout.triton_repository}",
+            "--model-control-mode=explicit",
+            f"--backend-directory={backends}",
+            "--disable-auto-complete-config",
+            "--pinned-memory-pool-byte-size=0",
+            "--exit-timeout-secs=10",
+            "--grpc-address=127.0.0.1", f"--grpc-port={p['triton_grpc']}",
+            "--http-address=127.0.0.1", f"--http-port={p['triton_http']}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={p['triton_metrics']}",
+            "--log-verbose=0",
+        ],
+        env=binaries.triton_env(),
+    )  # fmt: skip
+    processes.wait_for_port(p["triton_grpc"], 30, "tritonserver", pid)
+    report(f"broker, redis and tritonserver are up ({layout.home / 'logs'})")
+
+
+def _service_env(layout: StackLayout, name: str) -> dict[str, str]:
+    p = layout.ports
+    env = {
+        "LLMESH_GRPC_PORT": str(p[name]),
+        "LLMESH_METRICS_PORT": str(p[f"{name}_metrics"]),
+        "LLMESH_KAFKA__BOOTSTRAP": layout.address("broker"),
+        "LLMESH_REDIS_URL": layout.redis_url,
+    }
+    if name == "infer":
+        env |= {"LLMESH_TRITON_URL": layout.address("triton_grpc"), "LLMESH_MODEL_REPOSITORY": str(layout.triton_repository)}
+    return env
+
+
+def _start_services(layout: StackLayout, report: Report, timeout: float = 90.0) -> None:
+    pids = {
+        name: processes.start(layout, name, [sys.executable, "-m", f"services.{name}"], _service_env(layout, name))
+        for name in SERVICES
+    }
+    deadline = time.monotonic() + timeout
+    waiting = set(SERVICES)
+    while waiting and time.monotonic() < deadline:
+        for name in sorted(waiting):
+            if not processes.alive(pids[name]):
+                raise processes.StartFailed(f"{name} exited during start-up; see {layout.logs / (name + '.log')}")
+            if client.health_status(layout.address(name), timeout=0.5) == "SERVING":
+                waiting.discard(name)
+        time.sleep(0.1)
+    if waiting:
+        raise processes.StartFailed(f"not SERVING after {timeout:.0f}s: {', '.join(sorted(waiting))}")
+    report("gateway, tokenize, infer and eval are SERVING")
+
+
+async def _publish_first_release(layout: StackLayout, report: Report, timeout: float = 120.0) -> int:
+    registry = Registry.from_url(layout.redis_url)
+    try:
+        primary = await registry.primary(DEMO_MODEL)
+        if not primary:
+            event = client.release_for(
+                DEMO_MODEL, 1, demo_model_dir(layout, 1), label="demo-v1", author="llmesh up", reason="first release"
+            )
+            await client.publish_release(layout.address("broker"), event)
+            report(f"published release {DEMO_MODEL} v1; waiting for infer to load it in Triton")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            primary = await registry.primary(DEMO_MODEL)
+            record = await registry.version(DEMO_MODEL, primary) if primary else None
+            if record and record.state == "SERVING":
+                return primary
+            if (failed := await registry.version(DEMO_MODEL, 1)) and failed.state == "FAILED":
+                raise processes.StartFailed(f"release refused: {failed.reason}")
+            await asyncio.sleep(0.2)
+        raise processes.StartFailed(f"{DEMO_MODEL} is not SERVING after {timeout:.0f}s; see the infer log")
+    finally:
+        await registry.close()
+
+
+def up(home: Path, report: Report, *, free_ports: bool = False, models_dir: Path | None = None) -> StackLayout:
+    existing = StackLayout.load(home)
+    if existing and running(existing):
+        raise processes.StartFailed(f"a stack is already running from {home} ({', '.join(running(existing))}); run llmesh down")
+    layout = StackLayout.create(home, free_ports=free_ports, models_dir=models_dir)
+    layout.save()
+    ensure_demo_models(layout, report)
+    try:
+        _start_infrastructure(layout, report)
+        asyncio.run(kafka.ensure_topics(layout.address("broker")))
+        _start_services(layout, report)
+        version = asyncio.run(_publish_first_release(layout, report))
+    except BaseException:
+        down(home, lambda _: None)
+        raise
+    report(f"model {DEMO_MODEL} v{version} is SERVING")
+    return layout
+
+
+def down(home: Path, report: Report) -> list[str]:
+    layout = StackLayout.load(home)
+    if layout is None:
+        return []
+    stopped = [name for name in STOP_ORDER if processes.stop(layout, name)]
+    report(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    return stopped

@@ -1,0 +1,247 @@
+"""The gateway: the mesh's public gRPC API. Puts requests on Kafka and streams back the replies
+addressed to it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from faststream.kafka import KafkaMessage
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge, Histogram
+
+from llmesh.common import kafka, topics
+from llmesh.common.registry import Registry, Route, VersionRecord
+from llmesh.common.serving import run_service
+from llmesh.common.settings import load_settings
+from llmesh.common.topics import Header
+from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
+from services.gateway.replies import PendingReplies, ReplyTimeout
+from services.gateway.settings import GatewaySettings
+from services.gateway.validation import InvalidRequest, resolve_sampling, validate_prompt
+
+REQUESTS = Counter("llmesh_gateway_requests_total", "Generate requests by outcome", ["model", "version", "code", "stream"])
+LATENCY = Histogram(
+    "llmesh_gateway_request_seconds",
+    "Time to the last chunk",
+    ["stream"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FIRST_CHUNK = Histogram(
+    "llmesh_gateway_first_chunk_seconds", "Time to the first text chunk", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+)
+log = logging.getLogger("llmesh.gateway")
+WAITING = Gauge("llmesh_gateway_waiting_requests", "Requests waiting for replies")
+
+
+@dataclass
+class Outcome:
+    route: Route
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    first_chunk_ms: float = 0.0
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+
+
+def _model_info(name: str, primary: int, records: list[VersionRecord]) -> gateway_pb2.ModelInfo:
+    versions = [
+        gateway_pb2.ModelVersionInfo(
+            version=r.version,
+            state=r.state_enum(),
+            label=r.label,
+            artifact_uri=r.artifact_uri,
+            reason=r.reason,
+            updated_at=r.updated_at,
+        )
+        for r in records
+    ]
+    return gateway_pb2.ModelInfo(name=name, primary_version=primary, versions=versions)
+
+
+class GatewayService(gateway_pb2_grpc.GatewayServicer):
+    name = "gateway"
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.registry = Registry.from_url(settings.redis_url)
+        self.broker = kafka.make_broker(settings.kafka, f"llmesh-gateway-{settings.gateway_id}")
+        self.reply_topic = topics.reply_topic(settings.gateway_id)
+        self.pending = PendingReplies()
+        kafka.subscribe(
+            self.broker, self.reply_topic, kafka.consumer_options(settings.kafka, None, from_start=True), self.on_reply
+        )
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self, server)
+        return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
+
+    async def start(self) -> None:
+        await kafka.ensure_topics(self.settings.kafka.bootstrap, {self.reply_topic: topics.REPLY_PARTITIONS})
+        await self.broker.start()
+
+    async def drain(self, timeout: float) -> None:
+        """In-flight RPCs were drained by the gRPC server's grace period."""
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+        await self.registry.close()
+
+    async def on_reply(self, msg: KafkaMessage) -> None:
+        try:
+            chunk = events_pb2.TextChunk.FromString(msg.body)
+        except DecodeError:
+            return  # nothing waits on an undecodable reply; it is not worth a dead letter
+        self.pending.deliver(chunk)
+
+    # ---- catalogue -------------------------------------------------------------------------
+
+    async def ListModels(
+        self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListModelsResponse:
+        names = await self.registry.models()
+        infos = [_model_info(n, await self.registry.primary(n), await self.registry.versions(n)) for n in names]
+        return gateway_pb2.ListModelsResponse(models=infos)
+
+    async def GetModel(self, request: gateway_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.ModelInfo:
+        if not request.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
+        records = await self.registry.versions(request.name)
+        if not records:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not registered")
+        return _model_info(request.name, await self.registry.primary(request.name), records)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GenerateResponse:
+        reply = gateway_pb2.GenerateResponse()
+        parts: list[str] = []
+        async for outcome, chunk in self._generate(request, context, stream=False):
+            parts.append(chunk.text)
+            reply.request_id, reply.model, reply.version = outcome.request_id, outcome.route.model, outcome.route.version
+            if chunk.final:
+                reply.finish_reason = chunk.finish_reason
+                reply.usage.CopyFrom(chunk.usage)
+        reply.text = "".join(parts)
+        return reply
+
+    async def GenerateStream(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateChunk]:
+        async for outcome, chunk in self._generate(request, context, stream=True):
+            yield gateway_pb2.GenerateChunk(
+                request_id=outcome.request_id,
+                model=outcome.route.model,
+                version=outcome.route.version,
+                text=chunk.text,
+                finish_reason=chunk.finish_reason,
+                usage=chunk.usage if chunk.final else None,
+            )
+
+    async def _generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool
+    ) -> AsyncIterator[tuple[Outcome, events_pb2.TextChunk]]:
+        try:
+            validate_prompt(request, self.settings)
+            sampling = resolve_sampling(request.sampling, self.settings)
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        route = await self.registry.resolve(request.model)
+        if route is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, await self._unknown_model_message(request.model))
+        assert route is not None
+        outcome = Outcome(route, uuid.uuid4().hex)
+        remaining = context.time_remaining()
+        timeout = min(remaining, self.settings.request_timeout_s) if remaining else self.settings.request_timeout_s
+        task = events_pb2.GenerateTask(
+            request_id=outcome.request_id,
+            model=route.model,
+            version=route.version,
+            prompt=request.prompt,
+            sampling=sampling,
+            stream=stream,
+            deadline_unix_ms=int((time.time() + timeout) * 1000),
+        )
+        self.pending.open(outcome.request_id)
+        WAITING.inc()
+        try:
+            await self._publish(task, context)
+            deadline = asyncio.get_running_loop().time() + timeout
+            async for chunk in self.pending.chunks(outcome.request_id, deadline):
+                if chunk.HasField("error"):
+                    outcome.code = grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == chunk.error.code))
+                    await context.abort(outcome.code, chunk.error.message)
+                if not outcome.first_chunk_ms:
+                    outcome.first_chunk_ms = (time.perf_counter() - outcome.started) * 1000
+                    FIRST_CHUNK.observe(outcome.first_chunk_ms / 1000)
+                if chunk.final:
+                    outcome.usage = chunk.usage
+                yield outcome, chunk
+        except ReplyTimeout:
+            outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
+            await context.abort(outcome.code, f"no answer from the mesh within {timeout:.1f}s")
+        except asyncio.CancelledError:
+            outcome.code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.pending.close(outcome.request_id)
+            WAITING.dec()
+            await self._record(outcome, stream)
+
+    async def _publish(self, task: events_pb2.GenerateTask, context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        traceparent = str(metadata.get("traceparent", ""))
+        headers = kafka.headers_for(task, task.request_id, **{Header.REPLY_TO: self.reply_topic, Header.TRACEPARENT: traceparent})
+        await self.broker.publish(
+            task.SerializeToString(), topics.GENERATE_REQUESTS, key=task.request_id.encode(), headers=headers
+        )
+
+    async def _unknown_model_message(self, alias: str) -> str:
+        known = ", ".join(await self.registry.models()) or "none yet"
+        return f"model {alias!r} is not served (known models: {known}; pin a version with name@N)"
+
+    async def _record(self, outcome: Outcome, stream: bool) -> None:
+        elapsed = time.perf_counter() - outcome.started
+        route = outcome.route
+        REQUESTS.labels(route.model, str(route.version), outcome.code.name, str(stream).lower()).inc()
+        LATENCY.labels(str(stream).lower()).observe(elapsed)
+        record = events_pb2.GenerationRecord(
+            request_id=outcome.request_id,
+            model=route.model,
+            version=route.version,
+            status_code=outcome.code.value[0],
+            latency_ms=elapsed * 1000,
+            first_token_ms=outcome.first_chunk_ms,
+            usage=outcome.usage,
+            stream=stream,
+            finished_at=time.time(),
+        )
+        try:
+            await self.broker.publish(
+                record.SerializeToString(),
+                topics.GENERATE_RESULTS,
+                key=outcome.request_id.encode(),
+                headers=kafka.headers_for(record, outcome.request_id),
+                no_confirm=True,
+            )
+        except Exception:  # a lost record must not fail the client's request
+            log.warning("could not publish the generation record", exc_info=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(GatewaySettings, argv)
+    return asyncio.run(run_service(GatewayService(settings), settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

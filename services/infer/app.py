@@ -1,0 +1,257 @@
+"""The infer service: applies release events to its Triton repository and generates tokens for
+inference requests, publishing them to the token topic."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+from faststream.kafka import KafkaMessage
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge, Histogram
+
+from llmesh.common import kafka, topics
+from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
+from llmesh.common.registry import Registry, VersionRecord
+from llmesh.common.serving import InFlight, run_service
+from llmesh.common.settings import load_settings
+from llmesh.common.topics import Header
+from llmesh.v1 import common_pb2, events_pb2, infer_pb2, infer_pb2_grpc
+from services.infer.repository import ModelRepository, verify_artifacts
+from services.infer.settings import InferSettings
+from services.infer.triton import GenerationError, TritonGenerator
+
+GENERATED = Counter("llmesh_infer_generated_tokens_total", "Tokens generated", ["model", "version"])
+REQUESTS = Counter("llmesh_infer_requests_total", "Inference requests by outcome", ["model", "version", "code"])
+IN_FLIGHT = Gauge("llmesh_infer_in_flight", "Inference requests running now")
+LOAD_SECONDS = Histogram(
+    "llmesh_infer_load_seconds", "Time to stage, load and warm a version", buckets=(1, 2, 5, 10, 20, 60, 120)
+)
+TTFT = Histogram(
+    "llmesh_infer_first_token_seconds", "Triton time to first token", buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
+)
+
+
+def _error(code: grpc.StatusCode, message: str) -> common_pb2.ErrorStatus:
+    return common_pb2.ErrorStatus(code=code.value[0], message=message)
+
+
+class InferService(infer_pb2_grpc.InferServicer):
+    name = "infer"
+
+    def __init__(self, settings: InferSettings) -> None:
+        self.settings = settings
+        self.registry = Registry.from_url(settings.redis_url)
+        self.triton = TritonGenerator(settings.triton_url)
+        kind = settings.instance_kind
+        if kind == "auto":
+            kind = "KIND_GPU" if shutil.which("nvidia-smi") else "KIND_CPU"
+        self.repository = ModelRepository(
+            settings.model_repository.resolve(), kind=kind, instances=settings.instances, torch_threads=settings.torch_threads
+        )
+        self.loaded: dict[tuple[str, int], str] = {}  # (model, version) -> Triton model name
+        self.broker = kafka.make_broker(settings.kafka, f"llmesh-infer-{settings.replica}")
+        self.dead_letters = kafka.DeadLetters(self.broker, self.name)
+        self.in_flight = InFlight(settings.max_in_flight)
+        opts = settings.kafka
+        # Every replica reads every release from the start (no group): that rebuilds its state on restart.
+        kafka.subscribe(self.broker, topics.RELEASES, kafka.consumer_options(opts, None, from_start=True), self.on_release)
+        kafka.subscribe(self.broker, topics.INFER_REQUESTS, kafka.consumer_options(opts, topics.GROUP_INFER), self.on_request)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        infer_pb2_grpc.add_InferServicer_to_server(self, server)
+        return [infer_pb2.DESCRIPTOR.services_by_name["Infer"].full_name]
+
+    async def start(self) -> None:
+        await kafka.ensure_topics(self.settings.kafka.bootstrap)
+        await self.broker.start()
+
+    async def drain(self, timeout: float) -> None:
+        for subscriber in self.broker.subscribers:
+            await subscriber.stop()
+        await self.in_flight.drain(timeout)
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+        await self.triton.close()
+        await self.registry.close()
+
+    # ---- gRPC ------------------------------------------------------------------------------
+
+    async def ListLoaded(
+        self, request: infer_pb2.ListLoadedRequest, context: grpc.aio.ServicerContext
+    ) -> infer_pb2.ListLoadedResponse:
+        versions = []
+        for (model, version), name in sorted(self.loaded.items()):
+            record = await self.registry.version(model, version)
+            state = record.state_enum() if record else common_pb2.VERSION_STATE_READY
+            versions.append(infer_pb2.LoadedVersion(model=model, version=version, triton_model=name, state=state))
+        return infer_pb2.ListLoadedResponse(replica=self.settings.replica, triton_url=self.triton.url, versions=versions)
+
+    # ---- releases --------------------------------------------------------------------------
+
+    async def on_release(self, msg: KafkaMessage) -> None:
+        content_type = kafka.header(msg, Header.CONTENT_TYPE) or topics.CONTENT_TYPE_JSON
+        try:
+            event = ReleaseEvent.parse(msg.body, content_type)
+            await self.apply(event)
+        except InvalidEvent as err:
+            await self.dead_letters.send(msg, str(err))
+            await self._refused(msg, str(err))
+
+    async def apply(self, event: ReleaseEvent) -> None:
+        if event.mode is not ReleaseMode.SWAP:
+            raise InvalidEvent(f"release mode {event.mode.value!r} is not supported by this version of infer")
+        key = (event.model, event.version)
+        name = self.repository.root / f"{event.model}-v{event.version}"
+        if key in self.loaded or await self.triton.is_ready(name.name):
+            self.loaded[key] = name.name  # replayed event (e.g. after a restart): already in Triton
+            await self._serve(event)
+            return
+        primary = await self.registry.primary(event.model)
+        if primary and event.version < primary:
+            raise InvalidEvent(f"version {event.version} is older than the serving version {primary}")
+        started = time.perf_counter()
+        files = await asyncio.to_thread(verify_artifacts, event)
+        await self._set_state(event, "LOADING")
+        triton_model = await asyncio.to_thread(self.repository.stage, event, files)
+        try:
+            await asyncio.wait_for(self.triton.load(triton_model), self.settings.load_timeout_s)
+            await self._warm_up(triton_model)
+        except (TimeoutError, Exception) as err:
+            self.repository.remove(triton_model)
+            raise InvalidEvent(f"Triton could not load {triton_model}: {err}") from err
+        self.loaded[key] = triton_model
+        LOAD_SECONDS.observe(time.perf_counter() - started)
+        await self._set_state(event, "READY")
+        await self._serve(event)
+
+    async def _serve(self, event: ReleaseEvent) -> None:
+        await self.registry.route_to(event.model, event.version)
+        await self._set_state(event, "SERVING")
+
+    async def _warm_up(self, triton_model: str) -> None:
+        sampling = events_pb2.ResolvedSampling(max_tokens=self.settings.warmup_tokens, temperature=0.0, top_p=1.0)
+        async for _ in self.triton.generate(triton_model, f"warmup-{triton_model}", [0], sampling, timeout=60):
+            pass
+
+    async def _set_state(self, event: ReleaseEvent, state: str, reason: str = "") -> None:
+        record = VersionRecord(
+            version=event.version, state=state, label=event.label, artifact_uri=event.artifact_uri, reason=reason
+        )
+        await self.registry.set_state(event.model, record)
+        status = events_pb2.ModelStatusEvent(
+            event_id=event.event_id,
+            model=event.model,
+            version=event.version,
+            state=record.state_enum(),
+            reason=reason,
+            replica=self.settings.replica,
+            at=time.time(),
+        )
+        await self.broker.publish(
+            status.SerializeToString(), topics.MODEL_STATUS, key=event.model.encode(), headers=kafka.headers_for(status)
+        )
+
+    async def _refused(self, msg: KafkaMessage, reason: str) -> None:
+        """Record a FAILED status for a refused event when it names a model and version."""
+        try:
+            event = ReleaseEvent.parse(msg.body, kafka.header(msg, Header.CONTENT_TYPE) or topics.CONTENT_TYPE_JSON)
+        except InvalidEvent:
+            return
+        if await self.registry.version(event.model, event.version) is None or (event.model, event.version) not in self.loaded:
+            await self._set_state(event, "FAILED", reason)
+
+    # ---- inference -------------------------------------------------------------------------
+
+    async def on_request(self, msg: KafkaMessage) -> None:
+        try:
+            task = events_pb2.InferTask.FromString(msg.body)
+        except DecodeError as err:
+            await self.dead_letters.send(msg, f"undecodable InferTask: {err}")
+            return
+        if not task.request_id or not task.prompt_ids:
+            await self.dead_letters.send(msg, "InferTask lacks request_id or prompt_ids")
+            return
+        headers = {Header.REPLY_TO: kafka.header(msg, Header.REPLY_TO), Header.TRACEPARENT: kafka.header(msg, Header.TRACEPARENT)}
+        await self.in_flight.spawn(self._generate(task, headers))
+
+    async def _generate(self, task: events_pb2.InferTask, headers: dict[str, str]) -> None:
+        seq = 0
+
+        async def send(chunk: events_pb2.TokenChunk) -> None:
+            nonlocal seq
+            chunk.request_id, chunk.model, chunk.version, chunk.seq = task.request_id, task.model, task.version, seq
+            seq += 1
+            await self.broker.publish(
+                chunk.SerializeToString(),
+                topics.INFER_TOKENS,
+                key=task.request_id.encode(),
+                headers=kafka.headers_for(chunk, task.request_id, **headers),
+            )
+
+        code = grpc.StatusCode.OK
+        IN_FLIGHT.inc()
+        try:
+            code = await self._run(task, send)
+        finally:
+            IN_FLIGHT.dec()
+            REQUESTS.labels(task.model, str(task.version), code.name).inc()
+
+    async def _run(self, task: events_pb2.InferTask, send) -> grpc.StatusCode:
+        triton_model = self.loaded.get((task.model, task.version))
+        remaining = (task.deadline_unix_ms / 1000 - time.time()) if task.deadline_unix_ms else 300.0
+        if triton_model is None:
+            code, message = (
+                grpc.StatusCode.UNAVAILABLE,
+                f"{task.model}@{task.version} is not loaded on replica {self.settings.replica}",
+            )
+        elif remaining <= 0:
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before generation started"
+        else:
+            try:
+                await self._stream(task, triton_model, remaining, send)
+                return grpc.StatusCode.OK
+            except (TimeoutError, GenerationError) as err:
+                code, message = grpc.StatusCode.INTERNAL, f"generation failed: {err}"
+        await send(events_pb2.TokenChunk(final=True, error=_error(code, message), stop=task.sampling.stop))
+        return code
+
+    async def _stream(self, task: events_pb2.InferTask, triton_model: str, timeout: float, send) -> None:
+        started = time.perf_counter()
+        held: list[int] = []
+        sent_any = False
+        async for step in self.triton.generate(triton_model, task.request_id, list(task.prompt_ids), task.sampling, timeout):
+            if started:
+                TTFT.observe(time.perf_counter() - started)
+                started = 0.0
+            GENERATED.labels(task.model, str(task.version)).inc(len(step.token_ids))
+            held.extend(step.token_ids)
+            if not step.finish_reason and not (task.stream and held):
+                continue
+            # The decoder learns the stop strings from the request's first chunk.
+            chunk = events_pb2.TokenChunk(token_ids=held, stop=[] if sent_any else task.sampling.stop)
+            if step.finish_reason:
+                chunk.final = True
+                chunk.finish_reason = common_pb2.FinishReason.Value(f"FINISH_REASON_{step.finish_reason.upper()}")
+                chunk.prompt_tokens = len(task.prompt_ids)
+            await send(chunk)
+            if chunk.final:
+                return
+            held, sent_any = [], True
+        raise GenerationError("Triton closed the stream without a final response")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(InferSettings, argv)
+    return asyncio.run(run_service(InferService(settings), settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

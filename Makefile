@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up on a fresh clone.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# pip's notes about the local package mirrors are noise here
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: setup demo test lint unit e2e protos down
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import torch, tritonclient, faststream; print('installed: torch', torch.__version__)"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/llmesh up
+	$(BIN)/llmesh generate "Return the number of items" --max-tokens 48 --seed 7
+	$(BIN)/llmesh generate "This module provides" --max-tokens 48 --seed 7 --stream
+	$(BIN)/llmesh models
+	$(BIN)/llmesh status
+
+down: setup
+	$(BIN)/llmesh down
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+unit: setup
+	$(BIN)/pytest tests/unit -q
+
+test: lint
+	$(BIN)/pytest -q -rs --durations=10

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmesh.stack import stack
+from llmesh.stack.layout import StackLayout
+from llmesh.v1 import gateway_pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[StackLayout]:
+    """The whole embedded stack (real broker, Redis, tritonserver, four services) on free ports."""
+    home = tmp_path_factory.mktemp("mesh")
+    layout = stack.up(home, print, free_ports=True, models_dir=models_dir)
+    yield layout
+    stack.down(home, print)
+
+
+@pytest.fixture(scope="session")
+def gateway(mesh: StackLayout) -> Iterator[gateway_pb2_grpc.GatewayStub]:
+    with grpc.insecure_channel(mesh.address("gateway")) as channel:
+        yield gateway_pb2_grpc.GatewayStub(channel)

@@ -1,0 +1,112 @@
+"""Bad input to the gateway gets the right status and a message that says what to fix; bad Kafka
+messages go to the dead-letter topic with their reason; nothing stops serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import grpc
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from llmesh.common import topics
+from llmesh.v1 import common_pb2, gateway_pb2
+
+pytestmark = pytest.mark.slow
+S = common_pb2.SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("model", "prompt", "sampling", "code", "message"),
+    [
+        ("chat", "", S(), grpc.StatusCode.INVALID_ARGUMENT, "prompt must not be empty"),
+        ("chat", "x" * 9000, S(), grpc.StatusCode.INVALID_ARGUMENT, "prompt is 9000 characters; the limit is 8192"),
+        ("", "hello", S(), grpc.StatusCode.INVALID_ARGUMENT, "model is required"),
+        ("chat", "hello", S(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be between 1 and 512"),
+        (
+            "chat",
+            "hello",
+            S(max_tokens=100000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sampling.max_tokens must be between 1 and 512",
+        ),
+        ("chat", "hello", S(temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature must be between 0"),
+        ("chat", "hello", S(top_p=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p must be in (0, 1]"),
+        ("chat", "hello", S(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "each stop string must have 1 to"),
+        ("nope", "hello", S(), grpc.StatusCode.NOT_FOUND, "model 'nope' is not served (known models: chat"),
+        ("chat@9", "hello", S(), grpc.StatusCode.NOT_FOUND, "model 'chat@9' is not served"),
+        ("chat", "word " * 600, S(), grpc.StatusCode.INVALID_ARGUMENT, "tokens; model chat@1 takes at most 255"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_request_gets_status_and_message(gateway, model, prompt, sampling, code, message, stream):
+    request = gateway_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling)
+    with pytest.raises(grpc.RpcError) as caught:
+        if stream:
+            list(gateway.GenerateStream(request, timeout=30))
+        else:
+            gateway.Generate(request, timeout=30)
+    assert caught.value.code() == code
+    assert message in caught.value.details()
+
+
+def test_get_unknown_model_is_not_found(gateway):
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.GetModel(gateway_pb2.GetModelRequest(name="nope"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _dead_letters_for(
+    bootstrap: str, sends: list[tuple[str, bytes, dict[str, str]]], timeout: float = 30
+) -> dict[str, dict[str, str]]:
+    consumer = AIOKafkaConsumer(
+        topics.DEAD_LETTER, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=50
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    await producer.start()
+    found: dict[str, dict[str, str]] = {}
+    try:
+        for topic, payload, headers in sends:
+            await producer.send_and_wait(
+                topic, payload, key=headers["marker"].encode(), headers=[(k, v.encode()) for k, v in headers.items()]
+            )
+        markers = {h["marker"] for _, _, h in sends}
+        async with asyncio.timeout(timeout):
+            while not markers <= set(found):
+                batch = await consumer.getmany(timeout_ms=200)
+                for records in batch.values():
+                    for r in records:
+                        hdrs = {k: v.decode() for k, v in r.headers}
+                        if "marker" in hdrs:
+                            found[hdrs["marker"]] = hdrs | {"payload": r.value.decode(errors="replace")}
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return found
+
+
+def test_malformed_kafka_messages_go_to_the_dead_letter_topic(mesh, gateway):
+    protobuf = {"content-type": topics.CONTENT_TYPE_PROTOBUF}
+    cases = {
+        topics.GENERATE_REQUESTS: (b"\xff\xfe not protobuf", protobuf, "undecodable GenerateTask"),
+        topics.INFER_REQUESTS: (b"\xff\xfe not protobuf", protobuf, "undecodable InferTask"),
+        topics.INFER_TOKENS: (b"\xff\xfe not protobuf", protobuf, "undecodable TokenChunk"),
+        topics.RELEASES: (
+            json.dumps({"model": "chat", "version": "x"}).encode(),
+            {"content-type": "application/json"},
+            "invalid release event",
+        ),
+    }
+    sends = [(topic, payload, headers | {"marker": uuid.uuid4().hex}) for topic, (payload, headers, _) in cases.items()]
+    found = asyncio.run(_dead_letters_for(mesh.address("broker"), sends))
+    for (topic, payload, headers), (_, _, reason) in zip(sends, cases.values(), strict=True):
+        letter = found[headers["marker"]]
+        assert letter["dlq-original-topic"] == topic
+        assert reason in letter["dlq-reason"]
+        assert letter["payload"] == payload.decode(errors="replace")
+    # and serving goes on
+    reply = gateway.Generate(gateway_pb2.GenerateRequest(model="chat", prompt="The", sampling=S(max_tokens=4)), timeout=30)
+    assert reply.version == 1 and reply.usage.completion_tokens >= 1

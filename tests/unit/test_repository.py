@@ -36,7 +36,7 @@ def test_good_artifacts_stage_into_a_triton_model(artifacts: Path, tmp_path: Pat
 def test_corrupt_file_is_refused(artifacts: Path):
     event = _event(artifacts)
     (artifacts / "model.safetensors").write_bytes(b"\x01" * 32)
-    with pytest.raises(InvalidEvent, match="sha256 mismatch for model.safetensors"):
+    with pytest.raises(InvalidEvent, match=r"sha256 mismatch for model\.safetensors"):
         verify_artifacts(event)
 
 

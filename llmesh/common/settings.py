@@ -41,6 +41,6 @@ class ServiceSettings(BaseSettings):
 S = TypeVar("S", bound=ServiceSettings)
 
 
-def load_settings(cls: type[S], argv: Sequence[str] | None) -> S:
+def load_settings(cls: type[S], argv: Sequence[str] | None, service: str) -> S:
     """Parse `argv` (CLI flags) over the environment."""
-    return cls(_cli_parse_args=list(argv or []), _cli_prog_name=f"llmesh serve {cls.__name__}")  # type: ignore[call-arg]
+    return cls(_cli_parse_args=list(argv or []), _cli_prog_name=f"llmesh serve {service}")  # type: ignore[call-arg]

@@ -62,7 +62,7 @@ class EvalService(eval_pb2_grpc.EvalServicer):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = load_settings(EvalSettings, argv)
+    settings = load_settings(EvalSettings, argv, "eval")
     return asyncio.run(run_service(EvalService(settings), settings))
 
 

@@ -239,7 +239,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = load_settings(GatewaySettings, argv)
+    settings = load_settings(GatewaySettings, argv, "gateway")
     return asyncio.run(run_service(GatewayService(settings), settings))
 
 

@@ -249,7 +249,7 @@ class InferService(infer_pb2_grpc.InferServicer):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = load_settings(InferSettings, argv)
+    settings = load_settings(InferSettings, argv, "infer")
     return asyncio.run(run_service(InferService(settings), settings))
 
 

@@ -205,7 +205,7 @@ class TokenizeService(tokenize_pb2_grpc.TokenizerServicer):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = load_settings(TokenizeSettings, argv)
+    settings = load_settings(TokenizeSettings, argv, "tokenize")
     return asyncio.run(run_service(TokenizeService(settings), settings))
 
 

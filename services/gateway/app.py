@@ -16,7 +16,7 @@ from faststream.kafka import KafkaMessage
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
-from llmesh.common import kafka, topics
+from llmesh.common import kafka, status, topics
 from llmesh.common.registry import Registry, Route, VersionRecord
 from llmesh.common.serving import run_service
 from llmesh.common.settings import load_settings
@@ -179,7 +179,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             deadline = asyncio.get_running_loop().time() + timeout
             async for chunk in self.pending.chunks(outcome.request_id, deadline):
                 if chunk.HasField("error"):
-                    outcome.code = grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == chunk.error.code))
+                    outcome.code = status.status_code(chunk.error)
                     await context.abort(outcome.code, chunk.error.message)
                 if not outcome.first_chunk_ms:
                     outcome.first_chunk_ms = (time.perf_counter() - outcome.started) * 1000
@@ -200,7 +200,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     async def _publish(self, task: events_pb2.GenerateTask, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
-        traceparent = str(metadata.get("traceparent", ""))
+        traceparent = status.traceparent(str(metadata.get("traceparent", "")))
         headers = kafka.headers_for(task, task.request_id, **{Header.REPLY_TO: self.reply_topic, Header.TRACEPARENT: traceparent})
         await self.broker.publish(
             task.SerializeToString(), topics.GENERATE_REQUESTS, key=task.request_id.encode(), headers=headers

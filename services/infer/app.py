@@ -19,6 +19,7 @@ from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
 from llmesh.common.registry import Registry, VersionRecord
 from llmesh.common.serving import InFlight, run_service
 from llmesh.common.settings import load_settings
+from llmesh.common.status import error_status
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, infer_pb2, infer_pb2_grpc
 from services.infer.repository import ModelRepository, verify_artifacts
@@ -34,10 +35,6 @@ LOAD_SECONDS = Histogram(
 TTFT = Histogram(
     "llmesh_infer_first_token_seconds", "Triton time to first token", buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 )
-
-
-def _error(code: grpc.StatusCode, message: str) -> common_pb2.ErrorStatus:
-    return common_pb2.ErrorStatus(code=code.value[0], message=message)
 
 
 class InferService(infer_pb2_grpc.InferServicer):
@@ -220,7 +217,7 @@ class InferService(infer_pb2_grpc.InferServicer):
                 return grpc.StatusCode.OK
             except (TimeoutError, GenerationError) as err:
                 code, message = grpc.StatusCode.INTERNAL, f"generation failed: {err}"
-        await send(events_pb2.TokenChunk(final=True, error=_error(code, message), stop=task.sampling.stop))
+        await send(events_pb2.TokenChunk(final=True, error=error_status(code, message), stop=task.sampling.stop))
         return code
 
     async def _stream(self, task: events_pb2.InferTask, triton_model: str, timeout: float, send) -> None:

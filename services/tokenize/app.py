@@ -16,6 +16,7 @@ from llmesh.common import kafka, topics
 from llmesh.common.registry import Registry
 from llmesh.common.serving import InFlight, run_service
 from llmesh.common.settings import load_settings
+from llmesh.common.status import error_status
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, tokenize_pb2, tokenize_pb2_grpc
 from services.tokenize.catalog import TokenizerCatalog, UnknownVersion
@@ -137,7 +138,7 @@ class TokenizeService(tokenize_pb2_grpc.TokenizerServicer):
             model=task.model,
             version=task.version,
             final=True,
-            error=common_pb2.ErrorStatus(code=code.value[0], message=message),
+            error=error_status(code, message),
         )
         await self._reply(chunk, reply_to)
 
@@ -170,7 +171,7 @@ class TokenizeService(tokenize_pb2_grpc.TokenizerServicer):
         decoder = await self._decoder(chunk)
         if decoder is None:
             out.final = True
-            out.error.CopyFrom(common_pb2.ErrorStatus(code=grpc.StatusCode.NOT_FOUND.value[0], message="unknown model version"))
+            out.error.CopyFrom(error_status(grpc.StatusCode.NOT_FOUND, "unknown model version"))
             await self._reply(out, reply_to)
             return
         DECODED.labels(chunk.model, str(chunk.version)).inc(len(chunk.token_ids))

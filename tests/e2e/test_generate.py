@@ -78,3 +78,43 @@ def test_catalogue_lists_the_serving_version(gateway):
     assert info.primary_version == 1
     assert info.versions[0].state == common_pb2.VERSION_STATE_SERVING
     assert info.versions[0].artifact_uri.startswith("file://")
+
+
+def test_headers_carry_request_id_and_the_clients_traceparent(mesh, gateway):
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from llmesh.common import topics
+
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+    async def run() -> dict[str, dict[str, str]]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=mesh.address("broker"), fetch_max_wait_ms=20)
+        await consumer.start()
+        try:
+            parts = [TopicPartition(t, p) for t in (topics.INFER_REQUESTS, topics.INFER_TOKENS) for p in range(4)]
+            consumer.assign(parts)
+            await consumer.seek_to_end(*parts)
+            for tp in parts:
+                await consumer.position(tp)
+            reply = await asyncio.to_thread(
+                gateway.Generate, _request(max_tokens=4), timeout=30, metadata=[("traceparent", trace)]
+            )
+            seen: dict[str, dict[str, str]] = {}
+            async with asyncio.timeout(10):
+                while len(seen) < 2:
+                    for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                        for r in records:
+                            headers = {k: v.decode() for k, v in r.headers}
+                            if headers.get("request-id") == reply.request_id:
+                                seen[tp.topic] = headers
+            return seen
+        finally:
+            await consumer.stop()
+
+    seen = asyncio.run(run())
+    for headers in seen.values():
+        assert headers["traceparent"] == trace
+        assert headers["content-type"] == "application/x-protobuf"
+        assert headers["schema"].startswith("llmesh.v1.")

@@ -46,3 +46,12 @@ def test_signature_covers_the_fields():
     tampered = event.model_copy(update={"version": 2})
     assert event.signed(b"key").signature == event.signature
     assert tampered.signed(b"key").signature != event.signature
+
+
+def test_traceparent_is_kept_when_valid_and_made_when_not():
+    from llmesh.common.status import traceparent
+
+    valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert traceparent(valid) == valid
+    made = traceparent("garbage")
+    assert made != "garbage" and traceparent(made) == made

@@ -1,0 +1,36 @@
+"""The demo model builder is deterministic for a recipe and writes a standard Hugging Face folder."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from llmesh.lm.build import ModelRecipe, build_model
+
+TINY = ModelRecipe(steps=3, vocab_size=300, n_layer=1, n_embd=32, n_head=2, context=64, seq_len=32, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tiny") / "m"
+    return out, build_model(TINY, out)
+
+
+def test_same_recipe_same_weights_other_seed_differs(built, tmp_path: Path):
+    _, first = built
+    again = build_model(TINY, tmp_path / "again")
+    other = build_model(TINY.model_copy(update={"seed": 7}), tmp_path / "other")
+    assert again["weights_sha256"] == first["weights_sha256"]
+    assert other["weights_sha256"] != first["weights_sha256"]
+
+
+def test_folder_loads_with_the_standard_auto_classes(built):
+    out, summary = built
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("*.bin")), "weights must be safetensors only"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    assert model.config.n_positions == 64
+    assert tokenizer.decode(tokenizer("Return the value.")["input_ids"]) == "Return the value."
+    assert json.loads((out / "llmesh_build.json").read_text())["weights_sha256"] == summary["weights_sha256"]

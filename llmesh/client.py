@@ -30,9 +30,8 @@ async def publish_release(bootstrap: str, event: ReleaseEvent) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", client_id="llmesh-cli")
     await producer.start()
     try:
-        proto = event.to_proto()
-        headers = [(k, v.encode()) for k, v in kafka.headers_for(proto).items()]
-        await producer.send_and_wait(topics.RELEASES, proto.SerializeToString(), key=event.model.encode(), headers=headers)
+        value, key, headers = kafka.release_record(event)
+        await producer.send_and_wait(topics.RELEASES, value, key=key, headers=[(k, v.encode()) for k, v in headers.items()])
     finally:
         await producer.stop()
 

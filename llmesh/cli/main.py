@@ -94,6 +94,11 @@ def _gateway(home: Path, gateway: str | None) -> gateway_pb2_grpc.GatewayStub:
     return gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(address))
 
 
+def _admin(home: Path, gateway: str | None) -> gateway_pb2_grpc.AdminStub:
+    address = gateway or _layout(home).address("gateway")
+    return gateway_pb2_grpc.AdminStub(grpc.insecure_channel(address))
+
+
 @app.command()
 def generate(
     prompt: str,
@@ -183,6 +188,36 @@ def release_publish(
     event = client.release_for(model, version, artifacts, mode=mode, label=label, author=author, reason=reason)
     asyncio.run(client.publish_release(bootstrap or _layout(home).address("broker"), event))
     _say(f"published {event.event_id}: {model} v{version} ({mode.value})")
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Option()],
+    version: Annotated[int, typer.Option(help="target version (default: the previous one)")] = 0,
+    reason: str = "",
+    author: str = "",
+    wait: Annotated[float, typer.Option(help="seconds to wait for the switch (0: do not wait)")] = 30.0,
+    gateway: Annotated[Optional[str], typer.Option(help="gateway host:port (default: the local stack)")] = None,  # noqa: UP045
+    home: HomeOpt = Path(".llmesh"),
+) -> None:
+    """Route a model back to its previous version (through the gateway's Admin API)."""
+    request = gateway_pb2.RollbackRequest(model=model, version=version, reason=reason, author=author)
+    started = time.perf_counter()
+    try:
+        reply = _admin(home, gateway).Rollback(request, timeout=10)
+    except grpc.RpcError as err:
+        err_console.print(f"[red]{err.code().name}[/]: {err.details()}")
+        raise typer.Exit(1) from err
+    _say(f"published rollback {reply.event_id}: {model} -> v{reply.version}")
+    stub = _gateway(home, gateway)
+    while wait and time.perf_counter() - started < wait:
+        if stub.GetModel(gateway_pb2.GetModelRequest(name=model), timeout=5).primary_version == reply.version:
+            _say(f"{model} serves v{reply.version} ({time.perf_counter() - started:.2f}s)")
+            return
+        time.sleep(0.02)
+    if wait:
+        err_console.print(f"{model} does not serve v{reply.version} after {wait:.0f}s: see llmesh models")
+        raise typer.Exit(1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -14,6 +14,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from google.protobuf.message import Message
 
 from llmesh.common import tansu_compat, topics
+from llmesh.common.events import ReleaseEvent
 from llmesh.common.settings import KafkaSettings
 from llmesh.common.topics import Header
 
@@ -128,3 +129,9 @@ class DeadLetters:
         }
         log.warning("dead-lettered", extra={"reason": reason, "topic": raw.topic, "offset": raw.offset})
         await self.broker.publish(msg.body, topics.DEAD_LETTER, key=raw.key, headers=headers)
+
+
+def release_record(event: ReleaseEvent) -> tuple[bytes, bytes, dict[str, str]]:
+    """Value, key and headers of a release event on the release topic (protobuf, keyed by model)."""
+    proto = event.to_proto()
+    return proto.SerializeToString(), event.model.encode(), headers_for(proto)

@@ -6,6 +6,8 @@ Values come from the command line (`--grpc-port 50051`), then `LLMESH_*` environ
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -33,6 +35,7 @@ class ServiceSettings(BaseSettings):
     metrics_port: int = 0
     kafka: KafkaSettings = KafkaSettings()
     redis_url: str = "redis://127.0.0.1:16379/0"
+    replica: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="this process's name")
     log_level: str = "INFO"
     drain_seconds: float = Field(default=30.0, ge=0, description="how long SIGTERM waits for in-flight work")
     max_in_flight: int = Field(default=256, ge=1, description="requests handled at once before consumers pause")

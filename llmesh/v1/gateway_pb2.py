@@ -23,31 +23,38 @@ _sym_db = _symbol_database.Default()
 
 
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
+from llmesh.v1 import events_pb2 as llmesh_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmesh/v1/gateway.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"]\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\"\xa5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\"\xa2\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x94\x01\n\x10ModelVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\r\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.llmesh.v1.VersionState\x12\r\n\x05label\x18\x03 \x01(\t\x12\x14\n\x0c\x61rtifact_uri\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nupdated_at\x18\x06 \x01(\x01\"a\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fprimary_version\x18\x02 \x01(\r\x12-\n\x08versions\x18\x03 \x03(\x0b\x32\x1b.llmesh.v1.ModelVersionInfo2\xa1\x02\n\x07Gateway\x12\x43\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.llmesh.v1.GenerateRequest\x1a\x18.llmesh.v1.GenerateChunk0\x01\x12I\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x1d.llmesh.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1a.llmesh.v1.GetModelRequest\x1a\x14.llmesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmesh/v1/gateway.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\x1a\x16llmesh/v1/events.proto\"Q\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"J\n\x16PublishReleaseResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"]\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\"\xa5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\"\xa2\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x94\x01\n\x10ModelVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\r\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.llmesh.v1.VersionState\x12\r\n\x05label\x18\x03 \x01(\t\x12\x14\n\x0c\x61rtifact_uri\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nupdated_at\x18\x06 \x01(\x01\"a\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fprimary_version\x18\x02 \x01(\r\x12-\n\x08versions\x18\x03 \x03(\x0b\x32\x1b.llmesh.v1.ModelVersionInfo2\xa1\x02\n\x07Gateway\x12\x43\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.llmesh.v1.GenerateRequest\x1a\x18.llmesh.v1.GenerateChunk0\x01\x12I\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x1d.llmesh.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1a.llmesh.v1.GetModelRequest\x1a\x14.llmesh.v1.ModelInfo2\xa0\x01\n\x05\x41\x64min\x12L\n\x0ePublishRelease\x12\x17.llmesh.v1.ReleaseEvent\x1a!.llmesh.v1.PublishReleaseResponse\x12I\n\x08Rollback\x12\x1a.llmesh.v1.RollbackRequest\x1a!.llmesh.v1.PublishReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=62
-  _globals['_GENERATEREQUEST']._serialized_end=155
-  _globals['_GENERATERESPONSE']._serialized_start=158
-  _globals['_GENERATERESPONSE']._serialized_end=323
-  _globals['_GENERATECHUNK']._serialized_start=326
-  _globals['_GENERATECHUNK']._serialized_end=488
-  _globals['_LISTMODELSREQUEST']._serialized_start=490
-  _globals['_LISTMODELSREQUEST']._serialized_end=509
-  _globals['_LISTMODELSRESPONSE']._serialized_start=511
-  _globals['_LISTMODELSRESPONSE']._serialized_end=569
-  _globals['_GETMODELREQUEST']._serialized_start=571
-  _globals['_GETMODELREQUEST']._serialized_end=602
-  _globals['_MODELVERSIONINFO']._serialized_start=605
-  _globals['_MODELVERSIONINFO']._serialized_end=753
-  _globals['_MODELINFO']._serialized_start=755
-  _globals['_MODELINFO']._serialized_end=852
-  _globals['_GATEWAY']._serialized_start=855
-  _globals['_GATEWAY']._serialized_end=1144
+  _globals['_ROLLBACKREQUEST']._serialized_start=86
+  _globals['_ROLLBACKREQUEST']._serialized_end=167
+  _globals['_PUBLISHRELEASERESPONSE']._serialized_start=169
+  _globals['_PUBLISHRELEASERESPONSE']._serialized_end=243
+  _globals['_GENERATEREQUEST']._serialized_start=245
+  _globals['_GENERATEREQUEST']._serialized_end=338
+  _globals['_GENERATERESPONSE']._serialized_start=341
+  _globals['_GENERATERESPONSE']._serialized_end=506
+  _globals['_GENERATECHUNK']._serialized_start=509
+  _globals['_GENERATECHUNK']._serialized_end=671
+  _globals['_LISTMODELSREQUEST']._serialized_start=673
+  _globals['_LISTMODELSREQUEST']._serialized_end=692
+  _globals['_LISTMODELSRESPONSE']._serialized_start=694
+  _globals['_LISTMODELSRESPONSE']._serialized_end=752
+  _globals['_GETMODELREQUEST']._serialized_start=754
+  _globals['_GETMODELREQUEST']._serialized_end=785
+  _globals['_MODELVERSIONINFO']._serialized_start=788
+  _globals['_MODELVERSIONINFO']._serialized_end=936
+  _globals['_MODELINFO']._serialized_start=938
+  _globals['_MODELINFO']._serialized_end=1035
+  _globals['_GATEWAY']._serialized_start=1038
+  _globals['_GATEWAY']._serialized_end=1327
+  _globals['_ADMIN']._serialized_start=1330
+  _globals['_ADMIN']._serialized_end=1490
 # @@protoc_insertion_point(module_scope)

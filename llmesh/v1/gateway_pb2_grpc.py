@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from llmesh.v1 import events_pb2 as llmesh_dot_v1_dot_events__pb2
 from llmesh.v1 import gateway_pb2 as llmesh_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -220,6 +221,129 @@ class Gateway:
             '/llmesh.v1.Gateway/GetModel',
             llmesh_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
             llmesh_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """The operators' API. Releases are applied by the infer service, asynchronously: watch GetModel or
+    the llmesh.model.status topic for the outcome.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.PublishRelease = channel.unary_unary(
+                '/llmesh.v1.Admin/PublishRelease',
+                request_serializer=llmesh_dot_v1_dot_events__pb2.ReleaseEvent.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/llmesh.v1.Admin/Rollback',
+                request_serializer=llmesh_dot_v1_dot_gateway__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """The operators' API. Releases are applied by the infer service, asynchronously: watch GetModel or
+    the llmesh.model.status topic for the outcome.
+    """
+
+    def PublishRelease(self, request, context):
+        """Validates and publishes a release event (any mode) to llmesh.releases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Routes a model back to its previous version (or to `version`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'PublishRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishRelease,
+                    request_deserializer=llmesh_dot_v1_dot_events__pb2.ReleaseEvent.FromString,
+                    response_serializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=llmesh_dot_v1_dot_gateway__pb2.RollbackRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'llmesh.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('llmesh.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """The operators' API. Releases are applied by the infer service, asynchronously: watch GetModel or
+    the llmesh.model.status topic for the outcome.
+    """
+
+    @staticmethod
+    def PublishRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Admin/PublishRelease',
+            llmesh_dot_v1_dot_events__pb2.ReleaseEvent.SerializeToString,
+            llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Admin/Rollback',
+            llmesh_dot_v1_dot_gateway__pb2.RollbackRequest.SerializeToString,
+            llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

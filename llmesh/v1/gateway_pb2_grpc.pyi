@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from llmesh.v1 import events_pb2 as _events_pb2
 from llmesh.v1 import gateway_pb2 as _gateway_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -86,3 +87,52 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gateway_pb2.ModelInfo, _abc.Awaitable[_gateway_pb2.ModelInfo]]: ...
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdminStub:
+    """The operators' API. Releases are applied by the infer service, asynchronously: watch GetModel or
+    the llmesh.model.status topic for the outcome.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminAsyncStub: ...
+    PublishRelease: _grpc.UnaryUnaryMultiCallable[_events_pb2.ReleaseEvent, _gateway_pb2.PublishReleaseResponse]
+    """Validates and publishes a release event (any mode) to llmesh.releases."""
+    Rollback: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RollbackRequest, _gateway_pb2.PublishReleaseResponse]
+    """Routes a model back to its previous version (or to `version`)."""
+
+@_typing.type_check_only
+class AdminAsyncStub(AdminStub):
+    """The operators' API. Releases are applied by the infer service, asynchronously: watch GetModel or
+    the llmesh.model.status topic for the outcome.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    PublishRelease: _aio.UnaryUnaryMultiCallable[_events_pb2.ReleaseEvent, _gateway_pb2.PublishReleaseResponse]  # type: ignore[assignment]
+    """Validates and publishes a release event (any mode) to llmesh.releases."""
+    Rollback: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RollbackRequest, _gateway_pb2.PublishReleaseResponse]  # type: ignore[assignment]
+    """Routes a model back to its previous version (or to `version`)."""
+
+class AdminServicer(metaclass=_abc_1.ABCMeta):
+    """The operators' API. Releases are applied by the infer service, asynchronously: watch GetModel or
+    the llmesh.model.status topic for the outcome.
+    """
+
+    @_abc_1.abstractmethod
+    def PublishRelease(
+        self,
+        request: _events_pb2.ReleaseEvent,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.PublishReleaseResponse, _abc.Awaitable[_gateway_pb2.PublishReleaseResponse]]:
+        """Validates and publishes a release event (any mode) to llmesh.releases."""
+
+    @_abc_1.abstractmethod
+    def Rollback(
+        self,
+        request: _gateway_pb2.RollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.PublishReleaseResponse, _abc.Awaitable[_gateway_pb2.PublishReleaseResponse]]:
+        """Routes a model back to its previous version (or to `version`)."""
+
+def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,6 +22,7 @@ from llmesh.common.serving import run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
+from services.gateway.admin import AdminService
 from services.gateway.replies import PendingReplies, ReplyTimeout
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import InvalidRequest, resolve_sampling, validate_prompt
@@ -82,7 +83,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self, server)
-        return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
+        gateway_pb2_grpc.add_AdminServicer_to_server(AdminService(self.registry, self.broker), server)
+        return [gateway_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("Gateway", "Admin")]
 
     async def start(self) -> None:
         await kafka.ensure_topics(self.settings.kafka.bootstrap, {self.reply_topic: topics.REPLY_PARTITIONS})

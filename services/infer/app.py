@@ -15,23 +15,22 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, topics
-from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
-from llmesh.common.registry import Registry, VersionRecord
+from llmesh.common.events import InvalidEvent, ReleaseEvent
+from llmesh.common.registry import Registry
 from llmesh.common.serving import InFlight, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.status import error_status
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, infer_pb2, infer_pb2_grpc
-from services.infer.repository import ModelRepository, verify_artifacts
+from services.infer.releases import ReleaseApplier
+from services.infer.repository import ModelRepository
+from services.infer.served import ServedVersions
 from services.infer.settings import InferSettings
 from services.infer.triton import GenerationError, TritonGenerator
 
 GENERATED = Counter("llmesh_infer_generated_tokens_total", "Tokens generated", ["model", "version"])
 REQUESTS = Counter("llmesh_infer_requests_total", "Inference requests by outcome", ["model", "version", "code"])
 IN_FLIGHT = Gauge("llmesh_infer_in_flight", "Inference requests running now")
-LOAD_SECONDS = Histogram(
-    "llmesh_infer_load_seconds", "Time to stage, load and warm a version", buckets=(1, 2, 5, 10, 20, 60, 120)
-)
 TTFT = Histogram(
     "llmesh_infer_first_token_seconds", "Triton time to first token", buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 )
@@ -50,12 +49,13 @@ class InferService(infer_pb2_grpc.InferServicer):
         self.repository = ModelRepository(
             settings.model_repository.resolve(), kind=kind, instances=settings.instances, torch_threads=settings.torch_threads
         )
-        self.loaded: dict[tuple[str, int], str] = {}  # (model, version) -> Triton model name
+        self.served = ServedVersions()
         self.broker = kafka.make_broker(settings.kafka, f"llmesh-infer-{settings.replica}")
         self.dead_letters = kafka.DeadLetters(self.broker, self.name)
         self.in_flight = InFlight(settings.max_in_flight)
+        self.releases = ReleaseApplier(settings, self.registry, self.triton, self.repository, self.served, self.publish_status)
         opts = settings.kafka
-        # Every replica reads every release from the start (no group): that rebuilds its state on restart.
+        # Every replica reads every release from the start (no group); events already applied are skipped.
         kafka.subscribe(self.broker, topics.RELEASES, kafka.consumer_options(opts, None, from_start=True), self.on_release)
         kafka.subscribe(self.broker, topics.INFER_REQUESTS, kafka.consumer_options(opts, topics.GROUP_INFER), self.on_request)
 
@@ -67,6 +67,8 @@ class InferService(infer_pb2_grpc.InferServicer):
 
     async def start(self) -> None:
         await kafka.ensure_topics(self.settings.kafka.bootstrap)
+        await self.broker.connect()
+        await self.releases.restore()  # what the registry routes to is loaded before requests are consumed
         await self.broker.start()
 
     async def drain(self, timeout: float) -> None:
@@ -75,6 +77,7 @@ class InferService(infer_pb2_grpc.InferServicer):
         await self.in_flight.drain(timeout)
 
     async def stop(self) -> None:
+        await self.releases.stop()
         await self.broker.stop()
         await self.triton.close()
         await self.registry.close()
@@ -85,85 +88,49 @@ class InferService(infer_pb2_grpc.InferServicer):
         self, request: infer_pb2.ListLoadedRequest, context: grpc.aio.ServicerContext
     ) -> infer_pb2.ListLoadedResponse:
         versions = []
-        for (model, version), name in sorted(self.loaded.items()):
-            record = await self.registry.version(model, version)
-            state = record.state_enum() if record else common_pb2.VERSION_STATE_READY
-            versions.append(infer_pb2.LoadedVersion(model=model, version=version, triton_model=name, state=state))
+        for loaded in self.served.all():
+            record = await self.registry.version(loaded.model, loaded.version)
+            versions.append(
+                infer_pb2.LoadedVersion(
+                    model=loaded.model,
+                    version=loaded.version,
+                    triton_model=loaded.triton_model,
+                    state=record.state_enum() if record else common_pb2.VERSION_STATE_READY,
+                    in_flight=loaded.in_flight,
+                )
+            )
         return infer_pb2.ListLoadedResponse(replica=self.settings.replica, triton_url=self.triton.url, versions=versions)
 
     # ---- releases --------------------------------------------------------------------------
 
     async def on_release(self, msg: KafkaMessage) -> None:
+        offset = msg.raw_message.offset  # type: ignore[union-attr]
         content_type = kafka.header(msg, Header.CONTENT_TYPE) or topics.CONTENT_TYPE_JSON
+        event: ReleaseEvent | None = None
         try:
             event = ReleaseEvent.parse(msg.body, content_type)
-            await self.apply(event)
+            if await self.registry.was_refused(event.event_id, offset):
+                return  # refused when first read; this is a replay
+            await self.releases.handle(event, offset)
         except InvalidEvent as err:
-            await self.dead_letters.send(msg, str(err))
-            await self._refused(msg, str(err))
+            if await self.registry.mark_refused(event.event_id if event else "?", offset):
+                await self.dead_letters.send(msg, str(err))
+                if event is not None:
+                    await self.publish_status(event, event.model, event.version, "FAILED", str(err))
 
-    async def apply(self, event: ReleaseEvent) -> None:
-        if event.mode is not ReleaseMode.SWAP:
-            raise InvalidEvent(f"release mode {event.mode.value!r} is not supported by this version of infer")
-        key = (event.model, event.version)
-        name = self.repository.root / f"{event.model}-v{event.version}"
-        if key in self.loaded or await self.triton.is_ready(name.name):
-            self.loaded[key] = name.name  # replayed event (e.g. after a restart): already in Triton
-            await self._serve(event)
-            return
-        primary = await self.registry.primary(event.model)
-        if primary and event.version < primary:
-            raise InvalidEvent(f"version {event.version} is older than the serving version {primary}")
-        started = time.perf_counter()
-        files = await asyncio.to_thread(verify_artifacts, event)
-        await self._set_state(event, "LOADING")
-        triton_model = await asyncio.to_thread(self.repository.stage, event, files)
-        try:
-            await asyncio.wait_for(self.triton.load(triton_model), self.settings.load_timeout_s)
-            await self._warm_up(triton_model)
-        except (TimeoutError, Exception) as err:
-            self.repository.remove(triton_model)
-            raise InvalidEvent(f"Triton could not load {triton_model}: {err}") from err
-        self.loaded[key] = triton_model
-        LOAD_SECONDS.observe(time.perf_counter() - started)
-        await self._set_state(event, "READY")
-        await self._serve(event)
-
-    async def _serve(self, event: ReleaseEvent) -> None:
-        await self.registry.route_to(event.model, event.version)
-        await self._set_state(event, "SERVING")
-
-    async def _warm_up(self, triton_model: str) -> None:
-        sampling = events_pb2.ResolvedSampling(max_tokens=self.settings.warmup_tokens, temperature=0.0, top_p=1.0)
-        async for _ in self.triton.generate(triton_model, f"warmup-{triton_model}", [0], sampling, timeout=60):
-            pass
-
-    async def _set_state(self, event: ReleaseEvent, state: str, reason: str = "") -> None:
-        record = VersionRecord(
-            version=event.version, state=state, label=event.label, artifact_uri=event.artifact_uri, reason=reason
-        )
-        await self.registry.set_state(event.model, record)
+    async def publish_status(self, event: ReleaseEvent | None, model: str, version: int, state: str, reason: str) -> None:
         status = events_pb2.ModelStatusEvent(
-            event_id=event.event_id,
-            model=event.model,
-            version=event.version,
-            state=record.state_enum(),
+            event_id=event.event_id if event else "",
+            model=model,
+            version=version,
+            state=common_pb2.VersionState.Value(f"VERSION_STATE_{state}"),
             reason=reason,
             replica=self.settings.replica,
             at=time.time(),
         )
         await self.broker.publish(
-            status.SerializeToString(), topics.MODEL_STATUS, key=event.model.encode(), headers=kafka.headers_for(status)
+            status.SerializeToString(), topics.MODEL_STATUS, key=model.encode(), headers=kafka.headers_for(status)
         )
-
-    async def _refused(self, msg: KafkaMessage, reason: str) -> None:
-        """Record a FAILED status for a refused event when it names a model and version."""
-        try:
-            event = ReleaseEvent.parse(msg.body, kafka.header(msg, Header.CONTENT_TYPE) or topics.CONTENT_TYPE_JSON)
-        except InvalidEvent:
-            return
-        if await self.registry.version(event.model, event.version) is None or (event.model, event.version) not in self.loaded:
-            await self._set_state(event, "FAILED", reason)
 
     # ---- inference -------------------------------------------------------------------------
 
@@ -202,9 +169,9 @@ class InferService(infer_pb2_grpc.InferServicer):
             REQUESTS.labels(task.model, str(task.version), code.name).inc()
 
     async def _run(self, task: events_pb2.InferTask, send) -> grpc.StatusCode:
-        triton_model = self.loaded.get((task.model, task.version))
+        loaded = self.served.get(task.model, task.version)
         remaining = (task.deadline_unix_ms / 1000 - time.time()) if task.deadline_unix_ms else 300.0
-        if triton_model is None:
+        if loaded is None:
             code, message = (
                 grpc.StatusCode.UNAVAILABLE,
                 f"{task.model}@{task.version} is not loaded on replica {self.settings.replica}",
@@ -213,7 +180,8 @@ class InferService(infer_pb2_grpc.InferServicer):
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before generation started"
         else:
             try:
-                await self._stream(task, triton_model, remaining, send)
+                with self.served.running(loaded):
+                    await self._stream(task, loaded.triton_model, remaining, send)
                 return grpc.StatusCode.OK
             except (TimeoutError, GenerationError) as err:
                 code, message = grpc.StatusCode.INTERNAL, f"generation failed: {err}"

@@ -93,5 +93,9 @@ class ModelRepository:
         staging.rename(target)
         return name
 
+    @staticmethod
+    def name_of(model: str, version: int) -> str:
+        return triton_name(model, version)
+
     def remove(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)

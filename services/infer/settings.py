@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -14,9 +12,17 @@ class InferSettings(ServiceSettings):
     metrics_port: int = 9103
     triton_url: str = "127.0.0.1:18001"
     model_repository: Path = Path(".llmesh/triton-models")
-    replica: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     instance_kind: str = Field(default="auto", pattern="^(auto|KIND_CPU|KIND_GPU)$")
     instances: int = Field(default=1, ge=1)
     torch_threads: int = Field(default=0, ge=0, description="0 = let torch decide")
     load_timeout_s: float = 120.0
     warmup_tokens: int = 2
+    tokenizer_wait_s: float = Field(
+        default=10.0, ge=0, description="wait this long for tokenize to load a new version's tokenizer"
+    )
+    keep_previous_s: float = Field(
+        default=300.0, ge=0, description="the previous version stays loaded this long for instant rollback"
+    )
+    retire_grace_s: float = Field(
+        default=5.0, ge=0, description="an unrouted version waits this long for requests still in transit"
+    )

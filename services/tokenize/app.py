@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ DECODED = Counter("llmesh_tokenize_completion_tokens_total", "Generated tokens d
 REJECTED = Counter("llmesh_tokenize_rejected_total", "Requests refused before inference", ["reason"])
 
 DECODER_TTL_S = 600.0
+log = logging.getLogger("llmesh.tokenize")
 
 
 class TokenizeService(tokenize_pb2_grpc.TokenizerServicer):
@@ -48,6 +50,8 @@ class TokenizeService(tokenize_pb2_grpc.TokenizerServicer):
         kafka.subscribe(
             self.broker, topics.INFER_TOKENS, kafka.consumer_options(opts, f"{topics.GROUP_TOKENIZE}-detok"), self.on_tokens
         )
+        # Every replica sees every status (no group) so that it loads a new version's tokenizer before the swap.
+        kafka.subscribe(self.broker, topics.MODEL_STATUS, kafka.consumer_options(opts, None), self.on_status)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -89,6 +93,24 @@ class TokenizeService(tokenize_pb2_grpc.TokenizerServicer):
         except UnknownVersion as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
             raise
+
+    # ---- Kafka: model status ----------------------------------------------------------------
+
+    async def on_status(self, msg: KafkaMessage) -> None:
+        try:
+            status = events_pb2.ModelStatusEvent.FromString(msg.body)
+        except DecodeError as err:
+            await self.dead_letters.send(msg, f"undecodable ModelStatusEvent: {err}")
+            return
+        if status.state == common_pb2.VERSION_STATE_LOADING:
+            try:
+                await self.catalog.get(status.model, status.version)
+            except (UnknownVersion, OSError, ValueError) as err:
+                log.warning(
+                    "could not preload a tokenizer", extra={"model": status.model, "version": status.version, "error": str(err)}
+                )
+                return
+            await self.registry.mark_tokenizer_loaded(status.model, status.version, self.settings.replica)
 
     # ---- Kafka: prompts in -----------------------------------------------------------------
 

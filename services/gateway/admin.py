@@ -1,0 +1,60 @@
+"""The operators' API on the gateway: publish release events and roll back."""
+
+from __future__ import annotations
+
+import grpc
+from faststream.kafka import KafkaBroker
+
+from llmesh.common import kafka, topics
+from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
+from llmesh.common.registry import Registry
+from llmesh.v1 import events_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+class AdminService(gateway_pb2_grpc.AdminServicer):
+    def __init__(self, registry: Registry, broker: KafkaBroker) -> None:
+        self.registry = registry
+        self.broker = broker
+
+    async def PublishRelease(
+        self, request: events_pb2.ReleaseEvent, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PublishReleaseResponse:
+        try:
+            event = ReleaseEvent.from_proto(request)
+        except ValueError as err:  # pydantic's ValidationError is a ValueError
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid release event: {err}")
+            raise
+        return await self._publish(event)
+
+    async def Rollback(
+        self, request: gateway_pb2.RollbackRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PublishReleaseResponse:
+        if request.model not in await self.registry.models():
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not registered")
+        routing = await self.registry.routing(request.model)
+        target = request.version or routing.previous
+        if not target:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request.model} has no previous version to roll back to")
+        record = await self.registry.version(request.model, target)
+        if record is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.model} has no version {target}")
+        assert record is not None
+        try:
+            event = ReleaseEvent(
+                model=request.model,
+                version=target,
+                mode=ReleaseMode.ROLLBACK,
+                artifact_uri=record.artifact_uri,
+                sha256=record.sha256,
+                author=request.author,
+                reason=request.reason or f"rollback from version {routing.primary}",
+            )
+        except (ValueError, InvalidEvent) as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            raise
+        return await self._publish(event)
+
+    async def _publish(self, event: ReleaseEvent) -> gateway_pb2.PublishReleaseResponse:
+        value, key, headers = kafka.release_record(event)
+        await self.broker.publish(value, topics.RELEASES, key=key, headers=headers)
+        return gateway_pb2.PublishReleaseResponse(event_id=event.event_id, model=event.model, version=event.version)

@@ -3,6 +3,7 @@ gateway, check health."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import grpc
@@ -13,10 +14,16 @@ from llmesh.common import kafka, topics
 from llmesh.common.events import ReleaseEvent, ReleaseMode, artifact_digests
 
 
+def release_key() -> bytes | None:
+    """The operator's release signing key, from LLMESH_RELEASE_HMAC_KEY (as the services read it)."""
+    key = os.environ.get("LLMESH_RELEASE_HMAC_KEY")
+    return key.encode() if key else None
+
+
 def release_for(model: str, version: int, artifacts: Path, **fields: object) -> ReleaseEvent:
-    """A swap release of `artifacts` with the sha256 of every file computed here."""
+    """A release of `artifacts` with the sha256 of every file computed here, signed when a key is set."""
     directory = artifacts.resolve()
-    return ReleaseEvent(
+    event = ReleaseEvent(
         model=model,
         version=version,
         artifact_uri=directory.as_uri(),
@@ -24,6 +31,7 @@ def release_for(model: str, version: int, artifacts: Path, **fields: object) -> 
         mode=fields.pop("mode", ReleaseMode.SWAP),  # type: ignore[arg-type]
         **fields,  # type: ignore[arg-type]
     )
+    return event.signed(release_key())
 
 
 async def publish_release(bootstrap: str, event: ReleaseEvent) -> None:

@@ -63,8 +63,21 @@ class ReleaseEvent(BaseModel):
         """What the HMAC signature covers: every field but the signature, as sorted JSON."""
         return json.dumps(self.model_dump(mode="json", exclude={"signature"}), sort_keys=True).encode()
 
-    def signed(self, key: bytes) -> ReleaseEvent:
-        return self.model_copy(update={"signature": hmac.new(key, self.canonical_bytes(), hashlib.sha256).hexdigest()})
+    def _mac(self, key: bytes) -> str:
+        return hmac.new(key, self.canonical_bytes(), hashlib.sha256).hexdigest()
+
+    def signed(self, key: bytes | None) -> ReleaseEvent:
+        """A copy signed with `key` (unchanged when no key is configured)."""
+        return self.model_copy(update={"signature": self._mac(key)}) if key else self
+
+    def check_signature(self, key: bytes | None) -> None:
+        """With a key configured, refuse an event whose HMAC-SHA256 signature is missing or wrong."""
+        if key and not hmac.compare_digest(self.signature, self._mac(key)):
+            raise InvalidEvent(
+                "bad signature: the event is not signed with the configured release key"
+                if self.signature
+                else "unsigned event: a release key is configured"
+            )
 
     def to_proto(self) -> events_pb2.ReleaseEvent:
         data = self.model_dump(exclude={"mode"})

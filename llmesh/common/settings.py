@@ -11,7 +11,7 @@ import socket
 from collections.abc import Sequence
 from typing import TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,9 +36,13 @@ class ServiceSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     redis_url: str = "redis://127.0.0.1:16379/0"
     replica: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="this process's name")
+    release_hmac_key: SecretStr | None = Field(default=None, description="when set, release events must carry its HMAC-SHA256")
     log_level: str = "INFO"
     drain_seconds: float = Field(default=30.0, ge=0, description="how long SIGTERM waits for in-flight work")
     max_in_flight: int = Field(default=256, ge=1, description="requests handled at once before consumers pause")
+
+    def release_key(self) -> bytes | None:
+        return self.release_hmac_key.get_secret_value().encode() if self.release_hmac_key else None
 
 
 S = TypeVar("S", bound=ServiceSettings)

@@ -101,11 +101,13 @@ def _service_env(layout: StackLayout, name: str) -> dict[str, str]:
     return env
 
 
+def start_service(layout: StackLayout, name: str) -> int:
+    """Start one service of the stack (also used to restart one that was stopped or killed)."""
+    return processes.start(layout, name, [sys.executable, "-m", f"services.{name}"], _service_env(layout, name))
+
+
 def _start_services(layout: StackLayout, report: Report, timeout: float = 90.0) -> None:
-    pids = {
-        name: processes.start(layout, name, [sys.executable, "-m", f"services.{name}"], _service_env(layout, name))
-        for name in SERVICES
-    }
+    pids = {name: start_service(layout, name) for name in SERVICES}
     deadline = time.monotonic() + timeout
     waiting = set(SERVICES)
     while waiting and time.monotonic() < deadline:

@@ -12,9 +12,10 @@ from llmesh.v1 import events_pb2, gateway_pb2, gateway_pb2_grpc
 
 
 class AdminService(gateway_pb2_grpc.AdminServicer):
-    def __init__(self, registry: Registry, broker: KafkaBroker) -> None:
+    def __init__(self, registry: Registry, broker: KafkaBroker, release_key: bytes | None) -> None:
         self.registry = registry
         self.broker = broker
+        self.release_key = release_key  # the gateway signs the rollback events it makes
 
     async def PublishRelease(
         self, request: events_pb2.ReleaseEvent, context: grpc.aio.ServicerContext
@@ -52,7 +53,7 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
         except (ValueError, InvalidEvent) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             raise
-        return await self._publish(event)
+        return await self._publish(event.signed(self.release_key))
 
     async def _publish(self, event: ReleaseEvent) -> gateway_pb2.PublishReleaseResponse:
         value, key, headers = kafka.release_record(event)

@@ -83,7 +83,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self, server)
-        gateway_pb2_grpc.add_AdminServicer_to_server(AdminService(self.registry, self.broker), server)
+        gateway_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(self.registry, self.broker, self.settings.release_key()), server
+        )
         return [gateway_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("Gateway", "Admin")]
 
     async def start(self) -> None:

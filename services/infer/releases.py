@@ -47,6 +47,7 @@ class ReleaseApplier:
 
     async def handle(self, event: ReleaseEvent, offset: int) -> bool:
         """Apply `event`; False if it was applied before (a replay). Raises InvalidEvent to refuse it."""
+        event.check_signature(self.settings.release_key())
         claim = await self.registry.claim_event(event.event_id, offset)
         if claim is EventClaim.REPLAY:
             return False

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,14 +11,25 @@ from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import gateway_pb2_grpc
 
+RELEASE_KEY = "e2e-release-key"
+
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[StackLayout]:
-    """The whole embedded stack (real broker, Redis, tritonserver, four services) on free ports."""
+    """The whole embedded stack (real broker, Redis, tritonserver, four services) on free ports,
+    with signed releases required (the services and this process read the same key)."""
+    os.environ["LLMESH_RELEASE_HMAC_KEY"] = RELEASE_KEY
     home = tmp_path_factory.mktemp("mesh")
     layout = stack.up(home, print, free_ports=True, models_dir=models_dir)
     yield layout
     stack.down(home, print)
+    del os.environ["LLMESH_RELEASE_HMAC_KEY"]
+
+
+@pytest.fixture(scope="session")
+def admin(mesh: StackLayout) -> Iterator[gateway_pb2_grpc.AdminStub]:
+    with grpc.insecure_channel(mesh.address("gateway")) as channel:
+        yield gateway_pb2_grpc.AdminStub(channel)
 
 
 @pytest.fixture(scope="session")

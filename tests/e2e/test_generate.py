@@ -74,7 +74,7 @@ def test_pinned_version_is_served(gateway):
 def test_catalogue_lists_the_serving_version(gateway):
     listed = gateway.ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
     info = gateway.GetModel(gateway_pb2.GetModelRequest(name="chat"), timeout=10)
-    assert [m.name for m in listed.models] == ["chat"]
+    assert "chat" in [m.name for m in listed.models]
     assert info.primary_version == 1
     assert info.versions[0].state == common_pb2.VERSION_STATE_SERVING
     assert info.versions[0].artifact_uri.startswith("file://")

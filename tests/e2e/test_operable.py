@@ -39,7 +39,7 @@ def test_service_apis_answer(mesh, gateway):
         assert reply.ids and "".join(reply.tokens).replace("Ġ", " ") == "Return the value"
     with grpc.insecure_channel(mesh.address("infer")) as channel:
         loaded = infer_pb2_grpc.InferStub(channel).ListLoaded(infer_pb2.ListLoadedRequest(), timeout=10)
-        assert [(v.model, v.version, v.triton_model) for v in loaded.versions] == [("chat", 1, "chat-v1")]
+        assert ("chat", 1, "chat-v1") in [(v.model, v.version, v.triton_model) for v in loaded.versions]
     with grpc.insecure_channel(mesh.address("eval")) as channel:
         report = eval_pb2_grpc.EvalStub(channel).GetReport(eval_pb2.GetReportRequest(model="chat"), timeout=10)
         assert report.versions and report.versions[0].requests >= 1

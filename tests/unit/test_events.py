@@ -55,3 +55,13 @@ def test_traceparent_is_kept_when_valid_and_made_when_not():
     assert traceparent(valid) == valid
     made = traceparent("garbage")
     assert made != "garbage" and traceparent(made) == made
+
+
+def test_signature_check_refuses_missing_and_wrong_signatures():
+    event = ReleaseEvent(model="chat", version=1, artifact_uri="/m")
+    event.check_signature(None)  # no key configured: anything goes
+    event.signed(b"key").check_signature(b"key")
+    with pytest.raises(InvalidEvent, match="unsigned event"):
+        event.check_signature(b"key")
+    with pytest.raises(InvalidEvent, match="bad signature"):
+        event.signed(b"other").check_signature(b"key")

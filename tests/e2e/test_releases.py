@@ -1,0 +1,186 @@
+"""Release events drive hot swaps, rollbacks and refusals, under live load, with zero failed requests.
+
+These tests share one model, `swap`, built from the two demo versions, and run in file order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from llmesh import client
+from llmesh.common.events import ReleaseEvent, ReleaseMode
+from llmesh.loadgen import GatewayLoad, LoadRun, wait_for_primary
+from llmesh.stack import processes, stack
+from llmesh.v1 import common_pb2, gateway_pb2, infer_pb2, infer_pb2_grpc
+from tests.e2e.kafka_tools import release_dead_letter
+
+pytestmark = pytest.mark.slow
+MODEL = "swap"
+PUBLISHED: dict[str, ReleaseEvent] = {}
+
+
+def _publish(mesh, event: ReleaseEvent) -> ReleaseEvent:
+    asyncio.run(client.publish_release(mesh.address("broker"), event))
+    return event
+
+
+def _answers_with(gateway, version: int) -> None:
+    reply = gateway.Generate(
+        gateway_pb2.GenerateRequest(model=MODEL, prompt="The", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=30
+    )
+    assert reply.version == version
+
+
+def _check_load(run: LoadRun, flip_at: float, new_version: int) -> None:
+    assert run.samples, "the load produced no requests"
+    assert run.errors == [], f"{len(run.errors)} failed requests, e.g. {run.errors[0].error}"
+    assert all(len(s.versions) == 1 for s in run.samples), "a response mixed versions"
+    after = [s for s in run.samples if s.started > flip_at]
+    assert after, "no request started after the flip"
+    assert {v for s in after for v in s.versions} == {new_version}
+    assert any(s.stream for s in after) and any(not s.stream for s in after)
+
+
+@pytest.fixture(scope="module")
+def swap_model(mesh, gateway, models_dir: Path) -> Path:
+    event = _publish(mesh, client.release_for(MODEL, 1, models_dir / "chat-v1", label="swap-v1"))
+    wait_for_primary(gateway, MODEL, 1)
+    PUBLISHED["v1"] = event
+    return models_dir
+
+
+def test_hot_swap_under_load(mesh, gateway, swap_model):
+    with GatewayLoad(mesh.address("gateway"), MODEL, clients=4) as load:
+        time.sleep(2)
+        PUBLISHED["v2"] = _publish(mesh, client.release_for(MODEL, 2, swap_model / "chat-v2", label="swap-v2"))
+        flip_at = wait_for_primary(gateway, MODEL, 2)
+        time.sleep(2)
+    _check_load(load.run, flip_at, 2)
+    assert {v for s in load.run.samples if s.finished < flip_at for v in s.versions} == {1}
+    versions = {v.version: v for v in gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5).versions}
+    assert versions[2].state == common_pb2.VERSION_STATE_SERVING
+    assert versions[1].state == common_pb2.VERSION_STATE_READY, "the previous version stays loaded for rollback"
+
+
+def test_rollback_under_load_is_back_within_a_second(mesh, gateway, admin):
+    with GatewayLoad(mesh.address("gateway"), MODEL, clients=4) as load:
+        time.sleep(1)
+        asked = time.monotonic()
+        reply = admin.Rollback(gateway_pb2.RollbackRequest(model=MODEL, reason="test"), timeout=10)
+        flip_at = wait_for_primary(gateway, MODEL, 1)
+        time.sleep(1.5)
+    assert reply.version == 1
+    assert flip_at - asked < 1.0, f"rollback took {flip_at - asked:.2f}s"
+    _check_load(load.run, flip_at, 1)
+
+
+def _copy(models_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "artifacts"
+    shutil.copytree(models_dir / "chat-v2", target)
+    return target
+
+
+def _corrupt(d: Path) -> ReleaseEvent:
+    event = client.release_for(MODEL, 10, d)
+    with (d / "model.safetensors").open("r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    return event
+
+
+def _pickled(d: Path) -> ReleaseEvent:
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle
+    return client.release_for(MODEL, 10, d)
+
+
+def _unloadable(d: Path) -> ReleaseEvent:
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(config | {"model_type": "no-such-architecture"}))
+    return client.release_for(MODEL, 10, d)
+
+
+REFUSALS = {
+    "not newer": (lambda d: client.release_for(MODEL, 2, d), "is not newer than 2"),
+    "duplicate event id": (lambda d: PUBLISHED["v2"], "duplicate event id"),
+    "missing artifact": (
+        lambda d: (
+            client.release_for(MODEL, 10, d).model_copy(update={"artifact_uri": "/no/such/dir"}).signed(client.release_key())
+        ),
+        "does not exist",
+    ),
+    "corrupt artifact": (_corrupt, "sha256 mismatch for model.safetensors"),
+    "pickled weights": (_pickled, "pickled weights are refused"),
+    "bad signature": (lambda d: client.release_for(MODEL, 10, d).signed(b"not-the-key"), "bad signature"),
+    "unsigned": (lambda d: client.release_for(MODEL, 10, d).model_copy(update={"signature": ""}), "unsigned event"),
+    "unknown model": (lambda d: client.release_for("ghost", 1, d, mode=ReleaseMode.ROLLBACK), "unknown model 'ghost'"),
+    "load failure in Triton": (_unloadable, "Triton could not load"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refused_release_is_dead_lettered_and_serving_is_untouched(mesh, gateway, models_dir, tmp_path, case):
+    make, reason = REFUSALS[case]
+    event = _publish(mesh, make(_copy(models_dir, tmp_path)))
+    assert reason in release_dead_letter(mesh.address("broker"), event.event_id)
+    assert gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5).primary_version == 1
+    _answers_with(gateway, 1)
+
+
+def test_release_as_json_from_a_plain_kafka_client_is_applied(mesh, gateway, models_dir):
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    event = client.release_for(MODEL, 3, models_dir / "chat-v2", label="from-json", author="confluent-kafka")
+    producer = confluent_kafka.Producer({"bootstrap.servers": mesh.address("broker")})
+    producer.produce("llmesh.releases", key=MODEL, value=event.model_dump_json(), headers={"content-type": "application/json"})
+    assert producer.flush(10) == 0
+    wait_for_primary(gateway, MODEL, 3)
+    _answers_with(gateway, 3)
+    info = gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5)
+    assert {v.version: v.label for v in info.versions}[3] == "from-json"
+
+
+def _loaded(mesh) -> set[tuple[str, int]]:
+    import grpc
+
+    with grpc.insecure_channel(mesh.address("infer")) as channel:
+        reply = infer_pb2_grpc.InferStub(channel).ListLoaded(infer_pb2.ListLoadedRequest(), timeout=10)
+    return {(v.model, v.version) for v in reply.versions}
+
+
+def test_unrouted_version_drains_and_retires(gateway):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = {v.version: v.state for v in gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5).versions}
+        if states[2] == common_pb2.VERSION_STATE_RETIRED:
+            break
+        time.sleep(0.2)
+    assert states == {
+        1: common_pb2.VERSION_STATE_READY,
+        2: common_pb2.VERSION_STATE_RETIRED,
+        3: common_pb2.VERSION_STATE_SERVING,
+        10: common_pb2.VERSION_STATE_FAILED,
+    }
+
+
+def test_killed_infer_comes_back_serving_the_same_versions(mesh, gateway):
+    before = _loaded(mesh)
+    assert {(MODEL, 3), (MODEL, 1), ("chat", 1)} <= before
+    pid = processes.pid_of(mesh, "infer")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while processes.alive(pid):
+        time.sleep(0.05)
+    stack.start_service(mesh, "infer")
+    deadline = time.monotonic() + 60
+    while client.health_status(mesh.address("infer")) != "SERVING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _loaded(mesh) == before
+    _answers_with(gateway, 3)

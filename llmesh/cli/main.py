@@ -142,9 +142,28 @@ def generate(
 
 
 @app.command()
-def models(home: HomeOpt = Path(".llmesh"), gateway: Optional[str] = None) -> None:  # noqa: UP045
-    """Models, their versions and states, as the gateway sees them."""
-    reply = _gateway(home, gateway).ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
+def models(
+    history: Annotated[Optional[str], typer.Option(help="show the state history of this model")] = None,  # noqa: UP045
+    home: HomeOpt = Path(".llmesh"),
+    gateway: Optional[str] = None,  # noqa: UP045
+) -> None:
+    """Models, their versions and states (and a model's history), as the gateway sees them."""
+    stub = _gateway(home, gateway)
+    if history:
+        info = stub.GetModel(gateway_pb2.GetModelRequest(name=history), timeout=10)
+        table = Table(
+            "time",
+            "version",
+            "state",
+            "reason",
+            title=f"{history}: primary v{info.primary_version}, previous v{info.previous_version}",
+        )
+        for entry in info.history:
+            state = common_pb2.VersionState.Name(entry.state).removeprefix("VERSION_STATE_")
+            table.add_row(time.strftime("%H:%M:%S", time.localtime(entry.at)), str(entry.version), state, entry.reason)
+        console.print(table)
+        return
+    reply = stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
     table = Table("model", "version", "state", "primary", "label", "reason")
     for info in reply.models:
         for v in info.versions:

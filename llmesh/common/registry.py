@@ -12,7 +12,6 @@ Keys:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -69,6 +68,13 @@ class VersionRecord(BaseModel):
 
     def state_enum(self) -> common_pb2.VersionState.ValueType:
         return common_pb2.VersionState.Value(f"VERSION_STATE_{self.state}")
+
+
+class HistoryEntry(BaseModel):
+    at: float
+    version: int
+    state: str
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -128,15 +134,15 @@ class Registry:
 
     async def set_state(self, model: str, record: VersionRecord) -> None:
         record.updated_at = time.time()
-        entry = {"at": record.updated_at, "version": record.version, "state": record.state, "reason": record.reason}
+        entry = HistoryEntry(at=record.updated_at, version=record.version, state=record.state, reason=record.reason)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.sadd(MODELS, model)
             pipe.hset(versions_key(model), str(record.version), record.model_dump_json())
-            pipe.rpush(history_key(model), json.dumps(entry))
+            pipe.rpush(history_key(model), entry.model_dump_json())
             await pipe.execute()
 
-    async def history(self, model: str) -> list[dict[str, object]]:
-        return [json.loads(e) for e in await self.redis.lrange(history_key(model), 0, -1)]
+    async def history(self, model: str) -> list[HistoryEntry]:
+        return [HistoryEntry.model_validate_json(e) for e in await self.redis.lrange(history_key(model), 0, -1)]
 
     async def route_to(self, model: str, version: int) -> int:
         """Make `version` the primary atomically; returns the version it replaced (0 if none)."""

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, status, topics
-from llmesh.common.registry import Registry, Route, VersionRecord
+from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.topics import Header
@@ -49,21 +49,6 @@ class Outcome:
     first_chunk_ms: float = 0.0
     code: grpc.StatusCode = grpc.StatusCode.OK
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
-
-
-def _model_info(name: str, primary: int, records: list[VersionRecord]) -> gateway_pb2.ModelInfo:
-    versions = [
-        gateway_pb2.ModelVersionInfo(
-            version=r.version,
-            state=r.state_enum(),
-            label=r.label,
-            artifact_uri=r.artifact_uri,
-            reason=r.reason,
-            updated_at=r.updated_at,
-        )
-        for r in records
-    ]
-    return gateway_pb2.ModelInfo(name=name, primary_version=primary, versions=versions)
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
@@ -111,17 +96,35 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     async def ListModels(
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListModelsResponse:
-        names = await self.registry.models()
-        infos = [_model_info(n, await self.registry.primary(n), await self.registry.versions(n)) for n in names]
-        return gateway_pb2.ListModelsResponse(models=infos)
+        return gateway_pb2.ListModelsResponse(models=[await self._model_info(n) for n in await self.registry.models()])
 
     async def GetModel(self, request: gateway_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.ModelInfo:
         if not request.name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
-        records = await self.registry.versions(request.name)
-        if not records:
+        if request.name not in await self.registry.models():
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not registered")
-        return _model_info(request.name, await self.registry.primary(request.name), records)
+        return await self._model_info(request.name, with_history=True)
+
+    async def _model_info(self, name: str, with_history: bool = False) -> gateway_pb2.ModelInfo:
+        routing = await self.registry.routing(name)
+        info = gateway_pb2.ModelInfo(name=name, primary_version=routing.primary, previous_version=routing.previous)
+        for r in await self.registry.versions(name):
+            info.versions.add(
+                version=r.version,
+                state=r.state_enum(),
+                label=r.label,
+                artifact_uri=r.artifact_uri,
+                reason=r.reason,
+                updated_at=r.updated_at,
+            )
+        for entry in await self.registry.history(name) if with_history else []:
+            info.history.add(
+                at=entry.at,
+                version=entry.version,
+                state=common_pb2.VersionState.Value(f"VERSION_STATE_{entry.state}"),
+                reason=entry.reason,
+            )
+        return info
 
     # ---- generation ------------------------------------------------------------------------
 

@@ -67,6 +67,11 @@ def test_hot_swap_under_load(mesh, gateway, swap_model):
     versions = {v.version: v for v in gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5).versions}
     assert versions[2].state == common_pb2.VERSION_STATE_SERVING
     assert versions[1].state == common_pb2.VERSION_STATE_READY, "the previous version stays loaded for rollback"
+    info = gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5)
+    v2_states = [h.state for h in info.history if h.version == 2]
+    S = common_pb2
+    assert v2_states == [S.VERSION_STATE_LOADING, S.VERSION_STATE_READY, S.VERSION_STATE_SERVING]
+    assert info.previous_version == 1
 
 
 def test_rollback_under_load_is_back_within_a_second(mesh, gateway, admin):

@@ -189,3 +189,20 @@ def test_killed_infer_comes_back_serving_the_same_versions(mesh, gateway):
         time.sleep(0.1)
     assert _loaded(mesh) == before
     _answers_with(gateway, 3)
+
+
+def test_killed_tokenize_comes_back_and_decodes_every_version(mesh, gateway):
+    pid = processes.pid_of(mesh, "tokenize")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while processes.alive(pid):
+        time.sleep(0.05)
+    stack.start_service(mesh, "tokenize")
+    deadline = time.monotonic() + 60
+    while client.health_status(mesh.address("tokenize")) != "SERVING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _answers_with(gateway, 3)
+    reply = gateway.Generate(
+        gateway_pb2.GenerateRequest(model="swap@1", prompt="The", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=30
+    )
+    assert reply.version == 1

@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from llmesh.common import logs
+from llmesh.common import kafka, logs
 from llmesh.common.settings import ServiceSettings
 
 log = logging.getLogger("llmesh.serving")
@@ -104,3 +104,28 @@ async def run_service(service: Service, settings: ServiceSettings, ready: Callab
     metrics_server.shutdown()
     log.info("stopped")
     return 0
+
+
+class KafkaService:
+    """The lifecycle shared by services whose work arrives over Kafka: a tuned broker, dead letters,
+    bounded in-flight work; start creates topics, drain stops consuming and waits, stop disconnects."""
+
+    name = "service"
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.broker = kafka.make_broker(settings.kafka, f"llmesh-{self.name}-{settings.replica}")
+        self.dead_letters = kafka.DeadLetters(self.broker, self.name)
+        self.in_flight = InFlight(settings.max_in_flight)
+
+    async def start(self) -> None:
+        await kafka.ensure_topics(self.settings.kafka.bootstrap)
+        await self.broker.start()
+
+    async def drain(self, timeout: float) -> None:
+        for subscriber in self.broker.subscribers:
+            await subscriber.stop()
+        await self.in_flight.drain(timeout)
+
+    async def stop(self) -> None:
+        await self.broker.stop()

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
 from llmesh.common import kafka, topics
-from llmesh.common.serving import run_service
+from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.v1 import eval_pb2, eval_pb2_grpc, events_pb2
 from services.eval.settings import EvalSettings
@@ -21,14 +21,12 @@ from services.eval.stats import GenerationStats
 RECORDS = Counter("llmesh_eval_records_total", "Generation records consumed", ["model", "version"])
 
 
-class EvalService(eval_pb2_grpc.EvalServicer):
+class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
     name = "eval"
 
     def __init__(self, settings: EvalSettings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.stats = GenerationStats()
-        self.broker = kafka.make_broker(settings.kafka, "llmesh-eval")
-        self.dead_letters = kafka.DeadLetters(self.broker, self.name)
         kafka.subscribe(
             self.broker, topics.GENERATE_RESULTS, kafka.consumer_options(settings.kafka, topics.GROUP_EVAL), self.on_record
         )
@@ -36,17 +34,6 @@ class EvalService(eval_pb2_grpc.EvalServicer):
     def register(self, server: grpc.aio.Server) -> list[str]:
         eval_pb2_grpc.add_EvalServicer_to_server(self, server)
         return [eval_pb2.DESCRIPTOR.services_by_name["Eval"].full_name]
-
-    async def start(self) -> None:
-        await kafka.ensure_topics(self.settings.kafka.bootstrap)
-        await self.broker.start()
-
-    async def drain(self, timeout: float) -> None:
-        for subscriber in self.broker.subscribers:
-            await subscriber.stop()
-
-    async def stop(self) -> None:
-        await self.broker.stop()
 
     async def on_record(self, msg: KafkaMessage) -> None:
         try:

@@ -17,7 +17,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from llmesh.common import kafka, topics
 from llmesh.common.events import InvalidEvent, ReleaseEvent
 from llmesh.common.registry import Registry
-from llmesh.common.serving import InFlight, run_service
+from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.status import error_status
 from llmesh.common.topics import Header
@@ -36,11 +36,12 @@ TTFT = Histogram(
 )
 
 
-class InferService(infer_pb2_grpc.InferServicer):
+class InferService(KafkaService, infer_pb2_grpc.InferServicer):
     name = "infer"
 
     def __init__(self, settings: InferSettings) -> None:
-        self.settings = settings
+        super().__init__(settings)
+        self.settings: InferSettings = settings
         self.registry = Registry.from_url(settings.redis_url)
         self.triton = TritonGenerator(settings.triton_url)
         kind = settings.instance_kind
@@ -50,9 +51,6 @@ class InferService(infer_pb2_grpc.InferServicer):
             settings.model_repository.resolve(), kind=kind, instances=settings.instances, torch_threads=settings.torch_threads
         )
         self.served = ServedVersions()
-        self.broker = kafka.make_broker(settings.kafka, f"llmesh-infer-{settings.replica}")
-        self.dead_letters = kafka.DeadLetters(self.broker, self.name)
-        self.in_flight = InFlight(settings.max_in_flight)
         self.releases = ReleaseApplier(settings, self.registry, self.triton, self.repository, self.served, self.publish_status)
         opts = settings.kafka
         # Every replica reads every release from the start (no group); events already applied are skipped.
@@ -71,14 +69,9 @@ class InferService(infer_pb2_grpc.InferServicer):
         await self.releases.restore()  # what the registry routes to is loaded before requests are consumed
         await self.broker.start()
 
-    async def drain(self, timeout: float) -> None:
-        for subscriber in self.broker.subscribers:
-            await subscriber.stop()
-        await self.in_flight.drain(timeout)
-
     async def stop(self) -> None:
         await self.releases.stop()
-        await self.broker.stop()
+        await super().stop()
         await self.triton.close()
         await self.registry.close()
 

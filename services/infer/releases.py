@@ -116,13 +116,14 @@ class ReleaseApplier:
     # ---- steps ---------------------------------------------------------------------------------
 
     async def _load(self, event: ReleaseEvent, record: VersionRecord) -> None:
-        """Verify, stage, load and warm `record`; READY when done, FAILED (and refused) otherwise."""
+        """Verify and stage (STAGED), load (LOADING) and warm `record`: READY, or FAILED and refused."""
         source = event.model_copy(update={"artifact_uri": record.artifact_uri, "sha256": record.sha256})
         started = time.perf_counter()
-        await self._set(event, record, "LOADING")
         try:
             files = await asyncio.to_thread(verify_artifacts, source)
             triton_model = await asyncio.to_thread(self.repository.stage, source, files)
+            await self._set(event, record, "STAGED")  # tokenize preloads the tokenizer from here on
+            await self._set(event, record, "LOADING")
             await asyncio.wait_for(self.triton.load(triton_model), self.settings.load_timeout_s)
             LOAD_SECONDS.observe(time.perf_counter() - started)
             warm_started = time.perf_counter()

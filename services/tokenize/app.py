@@ -15,7 +15,7 @@ from prometheus_client import Counter
 
 from llmesh.common import kafka, topics
 from llmesh.common.registry import Registry
-from llmesh.common.serving import InFlight, run_service
+from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.status import error_status
 from llmesh.common.topics import Header
@@ -32,16 +32,14 @@ DECODER_TTL_S = 600.0
 log = logging.getLogger("llmesh.tokenize")
 
 
-class TokenizeService(tokenize_pb2_grpc.TokenizerServicer):
+class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
     name = "tokenize"
 
     def __init__(self, settings: TokenizeSettings) -> None:
-        self.settings = settings
+        super().__init__(settings)
+        self.settings: TokenizeSettings = settings
         self.registry = Registry.from_url(settings.redis_url)
         self.catalog = TokenizerCatalog(self.registry)
-        self.broker = kafka.make_broker(settings.kafka, "llmesh-tokenize")
-        self.dead_letters = kafka.DeadLetters(self.broker, self.name)
-        self.in_flight = InFlight(settings.max_in_flight)
         self.decoders: dict[str, tuple[StreamDecoder, float]] = {}
         opts = settings.kafka
         kafka.subscribe(
@@ -59,17 +57,8 @@ class TokenizeService(tokenize_pb2_grpc.TokenizerServicer):
         tokenize_pb2_grpc.add_TokenizerServicer_to_server(self, server)
         return [tokenize_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name]
 
-    async def start(self) -> None:
-        await kafka.ensure_topics(self.settings.kafka.bootstrap)
-        await self.broker.start()
-
-    async def drain(self, timeout: float) -> None:
-        for subscriber in self.broker.subscribers:
-            await subscriber.stop()
-        await self.in_flight.drain(timeout)
-
     async def stop(self) -> None:
-        await self.broker.stop()
+        await super().stop()
         await self.registry.close()
 
     # ---- gRPC ------------------------------------------------------------------------------
@@ -102,7 +91,7 @@ class TokenizeService(tokenize_pb2_grpc.TokenizerServicer):
         except DecodeError as err:
             await self.dead_letters.send(msg, f"undecodable ModelStatusEvent: {err}")
             return
-        if status.state == common_pb2.VERSION_STATE_LOADING:
+        if status.state == common_pb2.VERSION_STATE_STAGED:
             try:
                 await self.catalog.get(status.model, status.version)
             except (UnknownVersion, OSError, ValueError) as err:

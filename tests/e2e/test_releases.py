@@ -70,7 +70,7 @@ def test_hot_swap_under_load(mesh, gateway, swap_model):
     info = gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5)
     v2_states = [h.state for h in info.history if h.version == 2]
     S = common_pb2
-    assert v2_states == [S.VERSION_STATE_LOADING, S.VERSION_STATE_READY, S.VERSION_STATE_SERVING]
+    assert v2_states == [S.VERSION_STATE_STAGED, S.VERSION_STATE_LOADING, S.VERSION_STATE_READY, S.VERSION_STATE_SERVING]
     assert info.previous_version == 1
 
 
@@ -175,32 +175,29 @@ def test_unrouted_version_drains_and_retires(gateway):
     }
 
 
-def test_killed_infer_comes_back_serving_the_same_versions(mesh, gateway):
-    before = _loaded(mesh)
-    assert {(MODEL, 3), (MODEL, 1), ("chat", 1)} <= before
-    pid = processes.pid_of(mesh, "infer")
+def _kill_and_restart(mesh, service: str) -> None:
+    pid = processes.pid_of(mesh, service)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     while processes.alive(pid):
         time.sleep(0.05)
-    stack.start_service(mesh, "infer")
+    stack.start_service(mesh, service)
     deadline = time.monotonic() + 60
-    while client.health_status(mesh.address("infer")) != "SERVING" and time.monotonic() < deadline:
+    while client.health_status(mesh.address(service)) != "SERVING" and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert client.health_status(mesh.address(service)) == "SERVING"
+
+
+def test_killed_infer_comes_back_serving_the_same_versions(mesh, gateway):
+    before = _loaded(mesh)
+    assert {(MODEL, 3), (MODEL, 1), ("chat", 1)} <= before
+    _kill_and_restart(mesh, "infer")
     assert _loaded(mesh) == before
     _answers_with(gateway, 3)
 
 
 def test_killed_tokenize_comes_back_and_decodes_every_version(mesh, gateway):
-    pid = processes.pid_of(mesh, "tokenize")
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    while processes.alive(pid):
-        time.sleep(0.05)
-    stack.start_service(mesh, "tokenize")
-    deadline = time.monotonic() + 60
-    while client.health_status(mesh.address("tokenize")) != "SERVING" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _kill_and_restart(mesh, "tokenize")
     _answers_with(gateway, 3)
     reply = gateway.Generate(
         gateway_pb2.GenerateRequest(model="swap@1", prompt="The", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=30

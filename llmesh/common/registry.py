@@ -2,7 +2,7 @@
 
 Keys:
   llmesh:models                            set of model names
-  llmesh:model:{name}:routing              hash: primary, previous, candidate, candidate_share, updated_at
+  llmesh:model:{name}:routing              hash: primary, previous, candidate, candidate_mode, candidate_share, updated_at
   llmesh:model:{name}:versions             hash: version -> JSON VersionRecord
   llmesh:model:{name}:history              list of JSON history entries (newest last)
   llmesh:model:{name}:tokenizers:{version} set of tokenize replicas that hold the version's tokenizer
@@ -18,6 +18,7 @@ from enum import Enum
 
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
+from redis.typing import EncodableT, FieldT
 
 from llmesh.v1 import common_pb2
 
@@ -87,11 +88,14 @@ class Route:
 class Routing:
     primary: int = 0
     previous: int = 0
+    candidate: int = 0
+    candidate_mode: str = ""  # "shadow" (mirrored, never answers clients) or "canary" (answers a share)
+    candidate_share: int = 0  # percent of requests mirrored (shadow) or served (canary)
     updated_at: float = 0.0
 
     def needed(self) -> set[int]:
-        """Versions that must stay loaded: the primary, and the previous one for instant rollback."""
-        return {v for v in (self.primary, self.previous) if v}
+        """Versions that must stay loaded: primary, previous (instant rollback) and candidate."""
+        return {v for v in (self.primary, self.previous, self.candidate) if v}
 
 
 class EventClaim(Enum):
@@ -127,7 +131,14 @@ class Registry:
 
     async def routing(self, model: str) -> Routing:
         raw = await self.redis.hgetall(routing_key(model))
-        return Routing(int(raw.get("primary", 0)), int(raw.get("previous", 0)), float(raw.get("updated_at", 0)))
+        return Routing(
+            primary=int(raw.get("primary", 0)),
+            previous=int(raw.get("previous", 0)),
+            candidate=int(raw.get("candidate", 0)),
+            candidate_mode=str(raw.get("candidate_mode", "")),
+            candidate_share=int(raw.get("candidate_share", 0)),
+            updated_at=float(raw.get("updated_at", 0)),
+        )
 
     async def primary(self, model: str) -> int:
         return (await self.routing(model)).primary
@@ -141,6 +152,11 @@ class Registry:
             pipe.rpush(history_key(model), entry.model_dump_json())
             await pipe.execute()
 
+    async def note(self, model: str, version: int, state: str, reason: str) -> None:
+        """Add a history entry without changing the version's state (e.g. a policy decision)."""
+        entry = HistoryEntry(at=time.time(), version=version, state=state, reason=reason)
+        await self.redis.rpush(history_key(model), entry.model_dump_json())
+
     async def history(self, model: str) -> list[HistoryEntry]:
         return [HistoryEntry.model_validate_json(e) for e in await self.redis.lrange(history_key(model), 0, -1)]
 
@@ -148,6 +164,18 @@ class Registry:
         """Make `version` the primary atomically; returns the version it replaced (0 if none)."""
         old = await self._route_to(keys=[routing_key(model)], args=[str(version), str(time.time())])
         return int(old) if old else 0
+
+    async def set_candidate(self, model: str, version: int, mode: str, share: int) -> None:
+        mapping: dict[FieldT, EncodableT] = {
+            "candidate": version,
+            "candidate_mode": mode,
+            "candidate_share": share,
+            "updated_at": time.time(),
+        }
+        await self.redis.hset(routing_key(model), mapping=mapping)
+
+    async def clear_candidate(self, model: str) -> None:
+        await self.redis.hdel(routing_key(model), "candidate", "candidate_mode", "candidate_share")
 
     async def resolve(self, alias: str) -> Route | None:
         """`name` -> the primary version; `name@N` -> version N if it is loaded."""

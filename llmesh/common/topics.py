@@ -12,6 +12,9 @@ GENERATE_RESULTS = "llmesh.generate.results"  # gateway -> eval (GenerationRecor
 RELEASES = "llmesh.releases"  # operators -> infer/tokenize (ReleaseEvent, protobuf or JSON); compacted
 MODEL_STATUS = "llmesh.model.status"  # infer -> anyone (ModelStatusEvent)
 DEAD_LETTER = "llmesh.dlq"  # original payload + reason headers
+SHADOW_RESULTS = "llmesh.shadow.results"  # tokenize -> eval (TextChunk of a shadow candidate)
+EVAL_DECISIONS = "llmesh.eval.decisions"  # eval -> anyone (PolicyDecision)
+SHADOW_SUFFIX = ".shadow"  # a mirrored request's id is the primary's id plus this
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(RELEASES, 1, compacted=True),
     TopicSpec(MODEL_STATUS, 1),
     TopicSpec(DEAD_LETTER, 1),
+    TopicSpec(SHADOW_RESULTS, 2),
+    TopicSpec(EVAL_DECISIONS, 1),
 )
 REPLY_PARTITIONS = 1
 

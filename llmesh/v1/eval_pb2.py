@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmesh/v1/eval.proto\x12\tllmesh.v1\"!\n\x10GetReportRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb3\x01\n\x0cVersionStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x04\x12\x17\n\x0flatency_ms_mean\x18\x07 \x01(\x01\x12\x16\n\x0elatency_ms_max\x18\x08 \x01(\x01\"7\n\nEvalReport\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.llmesh.v1.VersionStats2G\n\x04\x45val\x12?\n\tGetReport\x12\x1b.llmesh.v1.GetReportRequest\x1a\x15.llmesh.v1.EvalReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmesh/v1/eval.proto\x12\tllmesh.v1\"!\n\x10GetReportRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb3\x01\n\x0cVersionStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x04\x12\x17\n\x0flatency_ms_mean\x18\x07 \x01(\x01\x12\x16\n\x0elatency_ms_max\x18\x08 \x01(\x01\"\xb7\x02\n\x0e\x43\x61ndidateStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x02 \x01(\r\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\r\n\x05pairs\x18\x04 \x01(\x04\x12\x0f\n\x07missing\x18\x05 \x01(\x04\x12\x18\n\x10\x63\x61ndidate_errors\x18\x06 \x01(\x04\x12\x13\n\x0b\x65xact_match\x18\x07 \x01(\x01\x12\x17\n\x0ftoken_agreement\x18\x08 \x01(\x01\x12\x0f\n\x07rouge_l\x18\t \x01(\x01\x12\x18\n\x10\x65mbedding_cosine\x18\n \x01(\x01\x12\x18\n\x10latency_delta_ms\x18\x0b \x01(\x01\x12\x14\n\x0clength_ratio\x18\x0c \x01(\x01\x12\x16\n\x0esensitive_hits\x18\r \x01(\x04\x12\x12\n\nerror_rate\x18\x0e \x01(\x01\"t\n\x08UsageRow\x12\x12\n\napi_key_id\x18\x01 \x01(\t\x12\x10\n\x08scenario\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\"\x8a\x01\n\nEvalReport\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.llmesh.v1.VersionStats\x12-\n\ncandidates\x18\x02 \x03(\x0b\x32\x19.llmesh.v1.CandidateStats\x12\"\n\x05usage\x18\x03 \x03(\x0b\x32\x13.llmesh.v1.UsageRow2G\n\x04\x45val\x12?\n\tGetReport\x12\x1b.llmesh.v1.GetReportRequest\x1a\x15.llmesh.v1.EvalReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETREPORTREQUEST']._serialized_end=68
   _globals['_VERSIONSTATS']._serialized_start=71
   _globals['_VERSIONSTATS']._serialized_end=250
-  _globals['_EVALREPORT']._serialized_start=252
-  _globals['_EVALREPORT']._serialized_end=307
-  _globals['_EVAL']._serialized_start=309
-  _globals['_EVAL']._serialized_end=380
+  _globals['_CANDIDATESTATS']._serialized_start=253
+  _globals['_CANDIDATESTATS']._serialized_end=564
+  _globals['_USAGEROW']._serialized_start=566
+  _globals['_USAGEROW']._serialized_end=682
+  _globals['_EVALREPORT']._serialized_start=685
+  _globals['_EVALREPORT']._serialized_end=823
+  _globals['_EVAL']._serialized_start=825
+  _globals['_EVAL']._serialized_end=896
 # @@protoc_insertion_point(module_scope)

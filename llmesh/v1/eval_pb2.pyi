@@ -79,20 +79,128 @@ class VersionStats(_message.Message):
 Global___VersionStats: _TypeAlias = VersionStats  # noqa: Y015
 
 @_typing.final
+class CandidateStats(_message.Message):
+    """Candidate vs primary over the policy window (shadow or canary)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    CANDIDATE_ERRORS_FIELD_NUMBER: _builtins.int
+    EXACT_MATCH_FIELD_NUMBER: _builtins.int
+    TOKEN_AGREEMENT_FIELD_NUMBER: _builtins.int
+    ROUGE_L_FIELD_NUMBER: _builtins.int
+    EMBEDDING_COSINE_FIELD_NUMBER: _builtins.int
+    LATENCY_DELTA_MS_FIELD_NUMBER: _builtins.int
+    LENGTH_RATIO_FIELD_NUMBER: _builtins.int
+    SENSITIVE_HITS_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    candidate_version: _builtins.int
+    mode: _builtins.str
+    pairs: _builtins.int
+    """primary and candidate answers joined and scored"""
+    missing: _builtins.int
+    """one side never arrived within the join TTL"""
+    candidate_errors: _builtins.int
+    exact_match: _builtins.float
+    """share of identical answers"""
+    token_agreement: _builtins.float
+    """position-wise share of equal words"""
+    rouge_l: _builtins.float
+    """mean ROUGE-L F1"""
+    embedding_cosine: _builtins.float
+    """mean cosine of sentence embeddings"""
+    latency_delta_ms: _builtins.float
+    """mean candidate minus primary generation time"""
+    length_ratio: _builtins.float
+    """mean candidate / primary answer length"""
+    sensitive_hits: _builtins.int
+    """sensitive words in candidate answers"""
+    error_rate: _builtins.float
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        candidate_version: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        pairs: _builtins.int = ...,
+        missing: _builtins.int = ...,
+        candidate_errors: _builtins.int = ...,
+        exact_match: _builtins.float = ...,
+        token_agreement: _builtins.float = ...,
+        rouge_l: _builtins.float = ...,
+        embedding_cosine: _builtins.float = ...,
+        latency_delta_ms: _builtins.float = ...,
+        length_ratio: _builtins.float = ...,
+        sensitive_hits: _builtins.int = ...,
+        error_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_errors", b"candidate_errors", "candidate_version", b"candidate_version", "embedding_cosine", b"embedding_cosine", "error_rate", b"error_rate", "exact_match", b"exact_match", "latency_delta_ms", b"latency_delta_ms", "length_ratio", b"length_ratio", "missing", b"missing", "mode", b"mode", "model", b"model", "pairs", b"pairs", "rouge_l", b"rouge_l", "sensitive_hits", b"sensitive_hits", "token_agreement", b"token_agreement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CandidateStats: _TypeAlias = CandidateStats  # noqa: Y015
+
+@_typing.final
+class UsageRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    SCENARIO_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    api_key_id: _builtins.str
+    scenario: _builtins.str
+    requests: _builtins.int
+    prompt_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        api_key_id: _builtins.str = ...,
+        scenario: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "scenario", b"scenario"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRow: _TypeAlias = UsageRow  # noqa: Y015
+
+@_typing.final
 class EvalReport(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSIONS_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStats]: ...
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___CandidateStats]: ...
+    @_builtins.property
+    def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]: ...
     def __init__(
         self,
         *,
         versions: _abc.Iterable[Global___VersionStats] | None = ...,
+        candidates: _abc.Iterable[Global___CandidateStats] | None = ...,
+        usage: _abc.Iterable[Global___UsageRow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

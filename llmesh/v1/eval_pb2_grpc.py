@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class EvalStub:
-    """The eval service's own API: aggregates of finished generations.
+    """The eval service's own API: aggregates of finished generations, and how candidates compare.
     """
 
     def __init__(self, channel):
@@ -43,7 +43,7 @@ class EvalStub:
 
 
 class EvalServicer:
-    """The eval service's own API: aggregates of finished generations.
+    """The eval service's own API: aggregates of finished generations, and how candidates compare.
     """
 
     def GetReport(self, request, context):
@@ -69,7 +69,7 @@ def add_EvalServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Eval:
-    """The eval service's own API: aggregates of finished generations.
+    """The eval service's own API: aggregates of finished generations, and how candidates compare.
     """
 
     @staticmethod

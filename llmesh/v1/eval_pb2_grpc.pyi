@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class EvalStub:
-    """The eval service's own API: aggregates of finished generations."""
+    """The eval service's own API: aggregates of finished generations, and how candidates compare."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -37,13 +37,13 @@ class EvalStub:
 
 @_typing.type_check_only
 class EvalAsyncStub(EvalStub):
-    """The eval service's own API: aggregates of finished generations."""
+    """The eval service's own API: aggregates of finished generations, and how candidates compare."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetReport: _aio.UnaryUnaryMultiCallable[_eval_pb2.GetReportRequest, _eval_pb2.EvalReport]  # type: ignore[assignment]
 
 class EvalServicer(metaclass=_abc_1.ABCMeta):
-    """The eval service's own API: aggregates of finished generations."""
+    """The eval service's own API: aggregates of finished generations, and how candidates compare."""
 
     @_abc_1.abstractmethod
     def GetReport(

@@ -179,6 +179,7 @@ class TokenChunk(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    GENERATION_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -188,6 +189,8 @@ class TokenChunk(_message.Message):
     finish_reason: _common_pb2.FinishReason.ValueType
     """on the final chunk"""
     prompt_tokens: _builtins.int
+    generation_ms: _builtins.float
+    """on the final chunk: time spent in Triton"""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -211,10 +214,11 @@ class TokenChunk(_message.Message):
         error: _common_pb2.ErrorStatus | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         prompt_tokens: _builtins.int = ...,
+        generation_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "final", b"final", "finish_reason", b"finish_reason", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "seq", b"seq", "stop", b"stop", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "final", b"final", "finish_reason", b"finish_reason", "generation_ms", b"generation_ms", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "seq", b"seq", "stop", b"stop", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -234,12 +238,15 @@ class TextChunk(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    GENERATION_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
     text: _builtins.str
     final: _builtins.bool
     finish_reason: _common_pb2.FinishReason.ValueType
+    generation_ms: _builtins.float
+    """on the final chunk"""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorStatus: ...
     @_builtins.property
@@ -255,10 +262,11 @@ class TextChunk(_message.Message):
         finish_reason: _common_pb2.FinishReason.ValueType = ...,
         error: _common_pb2.ErrorStatus | None = ...,
         usage: _common_pb2.Usage | None = ...,
+        generation_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "final", b"final", "finish_reason", b"finish_reason", "model", b"model", "request_id", b"request_id", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "final", b"final", "finish_reason", b"finish_reason", "generation_ms", b"generation_ms", "model", b"model", "request_id", b"request_id", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -279,6 +287,11 @@ class GenerationRecord(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    SHADOWED_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    SCENARIO_FIELD_NUMBER: _builtins.int
+    GENERATION_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -288,6 +301,14 @@ class GenerationRecord(_message.Message):
     first_token_ms: _builtins.float
     stream: _builtins.bool
     finished_at: _builtins.float
+    text: _builtins.str
+    """set when the request was mirrored to a shadow candidate (eval compares it)"""
+    shadowed: _builtins.bool
+    api_key_id: _builtins.str
+    """a hash of the client's API key (token usage per key)"""
+    scenario: _builtins.str
+    """the client's x-scenario metadata"""
+    generation_ms: _builtins.float
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -302,14 +323,96 @@ class GenerationRecord(_message.Message):
         usage: _common_pb2.Usage | None = ...,
         stream: _builtins.bool = ...,
         finished_at: _builtins.float = ...,
+        text: _builtins.str = ...,
+        shadowed: _builtins.bool = ...,
+        api_key_id: _builtins.str = ...,
+        scenario: _builtins.str = ...,
+        generation_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "first_token_ms", b"first_token_ms", "latency_ms", b"latency_ms", "model", b"model", "request_id", b"request_id", "status_code", b"status_code", "stream", b"stream", "usage", b"usage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "finished_at", b"finished_at", "first_token_ms", b"first_token_ms", "generation_ms", b"generation_ms", "latency_ms", b"latency_ms", "model", b"model", "request_id", b"request_id", "scenario", b"scenario", "shadowed", b"shadowed", "status_code", b"status_code", "stream", b"stream", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationRecord: _TypeAlias = GenerationRecord  # noqa: Y015
+
+@_typing.final
+class PolicyDecision(_message.Message):
+    """Topic llmesh.shadow.results (tokenize -> eval) carries TextChunks: a shadow candidate's whole answer,
+    with request_id "<primary request id>.shadow".
+
+    Topic llmesh.eval.decisions (eval -> anyone), key = model: what the promotion policy decided and why.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FiguresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    PRIMARY_VERSION_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    FIGURES_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    RELEASE_EVENT_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    candidate_version: _builtins.int
+    primary_version: _builtins.int
+    mode: _builtins.str
+    """shadow or canary"""
+    action: _builtins.str
+    """promote, reject or rollback"""
+    samples: _builtins.int
+    release_event_id: _builtins.str
+    """the release event the decision published"""
+    at: _builtins.float
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def figures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        candidate_version: _builtins.int = ...,
+        primary_version: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        action: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        figures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        samples: _builtins.int = ...,
+        release_event_id: _builtins.str = ...,
+        at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "candidate_version", b"candidate_version", "figures", b"figures", "mode", b"mode", "model", b"model", "primary_version", b"primary_version", "reasons", b"reasons", "release_event_id", b"release_event_id", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyDecision: _TypeAlias = PolicyDecision  # noqa: Y015
 
 @_typing.final
 class ReleaseEvent(_message.Message):

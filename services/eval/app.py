@@ -1,24 +1,40 @@
-"""The eval service: consumes a record of every finished generation and keeps per-version aggregates."""
+"""The eval service: aggregates every finished generation, joins primary and candidate answers to
+the same request, scores them, and applies the promotion policy to shadow and canary candidates."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
+import time
 from collections.abc import Sequence
 
 import grpc
 from faststream.kafka import KafkaMessage
 from google.protobuf.message import DecodeError
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from llmesh.common import kafka, topics
+from llmesh.common.events import ReleaseEvent, ReleaseMode
+from llmesh.common.registry import Registry
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.v1 import eval_pb2, eval_pb2_grpc, events_pb2
+from services.eval.pairs import CandidateScores, PairJoin, Side
+from services.eval.policy import PromotionPolicy, Verdict, judge
+from services.eval.scoring import Embedder, score_pair
 from services.eval.settings import EvalSettings
 from services.eval.stats import GenerationStats
 
+log = logging.getLogger("llmesh.eval")
 RECORDS = Counter("llmesh_eval_records_total", "Generation records consumed", ["model", "version"])
+PAIRS = Counter("llmesh_eval_pairs_total", "Primary/candidate answer pairs scored", ["model", "version"])
+MISSING = Counter("llmesh_eval_missing_total", "Answers whose pair never arrived", ["model"])
+CANDIDATE_SCORE = Gauge(
+    "llmesh_eval_candidate_score", "Candidate mean scores over the policy window", ["model", "version", "metric"]
+)
+DECISIONS = Counter("llmesh_eval_decisions_total", "Policy decisions", ["model", "action"])
 
 
 class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
@@ -26,14 +42,38 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
 
     def __init__(self, settings: EvalSettings) -> None:
         super().__init__(settings)
+        self.settings: EvalSettings = settings
         self.stats = GenerationStats()
+        self.registry = Registry.from_url(settings.redis_url)
+        self.join = PairJoin(self.registry.redis, settings.join_ttl_s)
+        self.scores = CandidateScores(self.registry.redis)
+        self.policy = PromotionPolicy.load(settings.policy_file)
+        self.embedder = Embedder()
+        self.sensitive = frozenset(w.lower() for w in settings.sensitive_words)
+        self._loop: asyncio.Task[None] | None = None
+        opts = settings.kafka
+        kafka.subscribe(self.broker, topics.GENERATE_RESULTS, kafka.consumer_options(opts, topics.GROUP_EVAL), self.on_record)
         kafka.subscribe(
-            self.broker, topics.GENERATE_RESULTS, kafka.consumer_options(settings.kafka, topics.GROUP_EVAL), self.on_record
+            self.broker, topics.SHADOW_RESULTS, kafka.consumer_options(opts, f"{topics.GROUP_EVAL}-shadow"), self.on_shadow
         )
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         eval_pb2_grpc.add_EvalServicer_to_server(self, server)
         return [eval_pb2.DESCRIPTOR.services_by_name["Eval"].full_name]
+
+    async def start(self) -> None:
+        await super().start()
+        self._loop = asyncio.create_task(self._policy_loop())
+
+    async def stop(self) -> None:
+        if self._loop:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        await super().stop()
+        await self.registry.close()
+
+    # ---- inputs --------------------------------------------------------------------------------
 
     async def on_record(self, msg: KafkaMessage) -> None:
         try:
@@ -43,9 +83,137 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             return
         self.stats.add(record)
         RECORDS.labels(record.model, str(record.version)).inc()
+        if record.shadowed:
+            side = Side(record.model, record.version, record.text, record.generation_ms, record.status_code != 0)
+            await self._join(record.request_id, "answer", side)
+
+    async def on_shadow(self, msg: KafkaMessage) -> None:
+        try:
+            chunk = events_pb2.TextChunk.FromString(msg.body)
+        except DecodeError as err:
+            await self.dead_letters.send(msg, f"undecodable shadow TextChunk: {err}")
+            return
+        request_id = chunk.request_id.removesuffix(topics.SHADOW_SUFFIX)
+        side = Side(chunk.model, chunk.version, chunk.text, chunk.generation_ms, chunk.HasField("error"))
+        await self._join(request_id, "mirror", side)
+
+    async def _join(self, request_id: str, role: str, side: Side) -> None:
+        sides = await self.join.add(request_id, role, side)
+        if sides is None:
+            return
+        routing = await self.registry.routing(side.model)
+        by_version = {s.version: s for s in sides.values()}
+        candidate, primary = by_version.get(routing.candidate), by_version.get(routing.primary)
+        if candidate is None or primary is None or candidate is primary:
+            return  # the candidate changed since the request was made
+        score = await asyncio.to_thread(
+            score_pair,
+            time.time(),
+            request_id,
+            primary.text,
+            candidate.text,
+            latency_delta_ms=candidate.generation_ms - primary.generation_ms,
+            candidate_error=candidate.error,
+            embedder=self.embedder,
+            sensitive=self.sensitive,
+        )
+        await self.scores.add(side.model, candidate.version, score.as_dict())
+        PAIRS.labels(side.model, str(candidate.version)).inc()
+
+    # ---- policy --------------------------------------------------------------------------------
+
+    async def _policy_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.policy_interval_s)
+            try:
+                await self._count_missing()
+                for model in await self.registry.models():
+                    await self._review(model)
+            except Exception:
+                log.exception("policy review failed")
+
+    async def _count_missing(self) -> None:
+        for side in await self.join.sweep():
+            routing = await self.registry.routing(side.model)
+            if routing.candidate:
+                await self.scores.count_missing(side.model, routing.candidate)
+                MISSING.labels(side.model).inc()
+
+    async def candidate_stats(self, model: str) -> eval_pb2.CandidateStats | None:
+        routing = await self.registry.routing(model)
+        if not routing.candidate:
+            return None
+        return await self.scores.stats(model, routing.candidate, routing.candidate_mode, self.policy.window_s)
+
+    async def _review(self, model: str) -> None:
+        stats = await self.candidate_stats(model)
+        if stats is None:
+            return
+        for metric in ("rouge_l", "embedding_cosine", "exact_match", "error_rate"):
+            CANDIDATE_SCORE.labels(model, str(stats.candidate_version), metric).set(getattr(stats, metric))
+        verdict = judge(self.policy, stats)
+        decided = f"llmesh:eval:decided:{model}:{stats.candidate_version}"
+        if verdict is None or not await self.registry.redis.set(decided, verdict.action, nx=True):
+            return
+        await self._act(model, stats, verdict)
+
+    async def _act(self, model: str, stats: eval_pb2.CandidateStats, verdict: Verdict) -> None:
+        record = await self.registry.version(model, stats.candidate_version)
+        if record is None:
+            return
+        reason = f"policy {verdict.action}: " + "; ".join(verdict.reasons)
+        event = ReleaseEvent(
+            model=model,
+            version=stats.candidate_version,
+            mode=ReleaseMode.SWAP if verdict.action == "promote" else ReleaseMode.RETIRE,
+            artifact_uri=record.artifact_uri,
+            sha256=record.sha256,
+            author="llmesh-eval policy",
+            reason=reason,
+        ).signed(self.settings.release_key())
+        value, key, headers = kafka.release_record(event)
+        await self.broker.publish(value, topics.RELEASES, key=key, headers=headers)
+        decision = events_pb2.PolicyDecision(
+            model=model,
+            candidate_version=stats.candidate_version,
+            primary_version=(await self.registry.routing(model)).primary,
+            mode=stats.mode,
+            action=verdict.action,
+            reasons=verdict.reasons,
+            figures={
+                f: getattr(stats, f)
+                for f in (
+                    "exact_match",
+                    "token_agreement",
+                    "rouge_l",
+                    "embedding_cosine",
+                    "latency_delta_ms",
+                    "length_ratio",
+                    "error_rate",
+                )
+            },
+            samples=stats.pairs,
+            release_event_id=event.event_id,
+            at=time.time(),
+        )
+        await self.broker.publish(
+            decision.SerializeToString(), topics.EVAL_DECISIONS, key=key, headers=kafka.headers_for(decision)
+        )
+        await self.registry.note(model, stats.candidate_version, record.state, reason)
+        DECISIONS.labels(model, verdict.action).inc()
+        log.info(
+            "policy decision",
+            extra={"model": model, "version": stats.candidate_version, "action": verdict.action, "reasons": verdict.reasons},
+        )
+
+    # ---- gRPC ----------------------------------------------------------------------------------
 
     async def GetReport(self, request: eval_pb2.GetReportRequest, context: grpc.aio.ServicerContext) -> eval_pb2.EvalReport:
-        return self.stats.report(request.model)
+        report = self.stats.report(request.model)
+        for model in [request.model] if request.model else await self.registry.models():
+            if stats := await self.candidate_stats(model):
+                report.candidates.append(stats)
+        return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

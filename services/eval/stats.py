@@ -26,11 +26,15 @@ class VersionAggregate:
 
 
 class GenerationStats:
+    """Per model version, and token usage per API key and scenario."""
+
     def __init__(self) -> None:
         self._by_version: dict[tuple[str, int], VersionAggregate] = {}
+        self._usage: dict[tuple[str, str], VersionAggregate] = {}
 
     def add(self, record: events_pb2.GenerationRecord) -> None:
         self._by_version.setdefault((record.model, record.version), VersionAggregate()).add(record)
+        self._usage.setdefault((record.api_key_id, record.scenario), VersionAggregate()).add(record)
 
     def report(self, model: str = "") -> eval_pb2.EvalReport:
         rows = []
@@ -49,4 +53,14 @@ class GenerationStats:
                     latency_ms_max=agg.latency_ms_max,
                 )
             )
-        return eval_pb2.EvalReport(versions=rows)
+        usage = [
+            eval_pb2.UsageRow(
+                api_key_id=key,
+                scenario=scenario,
+                requests=agg.requests,
+                prompt_tokens=agg.prompt_tokens,
+                completion_tokens=agg.completion_tokens,
+            )
+            for (key, scenario), agg in sorted(self._usage.items())
+        ]
+        return eval_pb2.EvalReport(versions=rows, usage=usage)

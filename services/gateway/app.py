@@ -4,6 +4,7 @@ addressed to it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import sys
 import time
@@ -25,6 +26,7 @@ from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import AdminService
 from services.gateway.replies import PendingReplies, ReplyTimeout
 from services.gateway.settings import GatewaySettings
+from services.gateway.traffic import TrafficPlan, plan
 from services.gateway.validation import InvalidRequest, resolve_sampling, validate_prompt
 
 REQUESTS = Counter("llmesh_gateway_requests_total", "Generate requests by outcome", ["model", "version", "code", "stream"])
@@ -49,6 +51,11 @@ class Outcome:
     first_chunk_ms: float = 0.0
     code: grpc.StatusCode = grpc.StatusCode.OK
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    shadowed: bool = False
+    texts: list[str] = field(default_factory=list)  # kept only when shadowed: eval compares the answers
+    generation_ms: float = 0.0
+    api_key_id: str = ""
+    scenario: str = ""
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
@@ -163,11 +170,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             sampling = resolve_sampling(request.sampling, self.settings)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        route = await self.registry.resolve(request.model)
-        if route is None:
+        metadata = {k: str(v) for k, v in (context.invocation_metadata() or ())}
+        request_id = uuid.uuid4().hex
+        traffic = await self._plan(request, metadata, request_id)
+        if traffic is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, await self._unknown_model_message(request.model))
-        assert route is not None
-        outcome = Outcome(route, uuid.uuid4().hex)
+        assert traffic is not None
+        route = traffic.answer
+        outcome = Outcome(route, request_id, shadowed=traffic.shadow is not None, scenario=metadata.get("x-scenario", ""))
+        if api_key := metadata.get("x-api-key"):
+            outcome.api_key_id = hashlib.sha256(api_key.encode()).hexdigest()[:16]
         remaining = context.time_remaining()
         timeout = min(remaining, self.settings.request_timeout_s) if remaining else self.settings.request_timeout_s
         task = events_pb2.GenerateTask(
@@ -182,7 +194,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.pending.open(outcome.request_id)
         WAITING.inc()
         try:
-            await self._publish(task, context)
+            await self._publish(task, metadata.get("traceparent"), self.reply_topic)
+            if traffic.shadow is not None:
+                await self._mirror(task, traffic.shadow.version, metadata.get("traceparent"))
             deadline = asyncio.get_running_loop().time() + timeout
             async for chunk in self.pending.chunks(outcome.request_id, deadline):
                 if chunk.HasField("error"):
@@ -193,6 +207,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                     FIRST_CHUNK.observe(outcome.first_chunk_ms / 1000)
                 if chunk.final:
                     outcome.usage = chunk.usage
+                    outcome.generation_ms = chunk.generation_ms
+                if outcome.shadowed:
+                    outcome.texts.append(chunk.text)
                 yield outcome, chunk
         except ReplyTimeout:
             outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -205,13 +222,31 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             WAITING.dec()
             await self._record(outcome, stream)
 
-    async def _publish(self, task: events_pb2.GenerateTask, context: grpc.aio.ServicerContext) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        traceparent = status.traceparent(str(metadata.get("traceparent", "")))
-        headers = kafka.headers_for(task, task.request_id, **{Header.REPLY_TO: self.reply_topic, Header.TRACEPARENT: traceparent})
-        await self.broker.publish(
-            task.SerializeToString(), topics.GENERATE_REQUESTS, key=task.request_id.encode(), headers=headers
-        )
+    async def _plan(self, request: gateway_pb2.GenerateRequest, metadata: dict[str, str], request_id: str) -> TrafficPlan | None:
+        if "@" in request.model:  # a pinned version: no canary, no shadow
+            pinned = await self.registry.resolve(request.model)
+            return TrafficPlan(pinned) if pinned else None
+        routing = await self.registry.routing(request.model)
+        if not routing.primary:
+            return None
+        sticky = metadata.get("x-api-key") or hashlib.sha256(request.prompt.encode()).hexdigest()
+        return plan(request.model, routing, sticky, request_id)
+
+    async def _publish(self, task: events_pb2.GenerateTask, traceparent: str | None, reply_to: str, *, wait: bool = True) -> None:
+        extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: status.traceparent(traceparent)}
+        headers = kafka.headers_for(task, task.request_id, **extra)
+        value, key = task.SerializeToString(), task.request_id.encode()
+        await self.broker.publish(value, topics.GENERATE_REQUESTS, key=key, headers=headers, no_confirm=not wait)
+
+    async def _mirror(self, task: events_pb2.GenerateTask, version: int, traceparent: str | None) -> None:
+        """Fire-and-forget copy for a shadow candidate; its whole answer goes to the shadow topic."""
+        shadow = events_pb2.GenerateTask()
+        shadow.CopyFrom(task)
+        shadow.request_id, shadow.version, shadow.stream = task.request_id + topics.SHADOW_SUFFIX, version, False
+        try:
+            await self._publish(shadow, traceparent, topics.SHADOW_RESULTS, wait=False)
+        except Exception:  # mirroring must never fail the client's request
+            log.warning("could not mirror a request to the shadow candidate", exc_info=True)
 
     async def _unknown_model_message(self, alias: str) -> str:
         known = ", ".join(await self.registry.models()) or "none yet"
@@ -232,6 +267,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             usage=outcome.usage,
             stream=stream,
             finished_at=time.time(),
+            text="".join(outcome.texts),
+            shadowed=outcome.shadowed,
+            api_key_id=outcome.api_key_id,
+            scenario=outcome.scenario,
+            generation_ms=outcome.generation_ms,
         )
         try:
             await self.broker.publish(

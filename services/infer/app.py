@@ -184,11 +184,11 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
     async def _stream(self, task: events_pb2.InferTask, triton_model: str, timeout: float, send) -> None:
         started = time.perf_counter()
         held: list[int] = []
-        sent_any = False
+        sent_any = first = False
         async for step in self.triton.generate(triton_model, task.request_id, list(task.prompt_ids), task.sampling, timeout):
-            if started:
+            if not first:
                 TTFT.observe(time.perf_counter() - started)
-                started = 0.0
+                first = True
             GENERATED.labels(task.model, str(task.version)).inc(len(step.token_ids))
             held.extend(step.token_ids)
             if not step.finish_reason and not (task.stream and held):
@@ -199,6 +199,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
                 chunk.final = True
                 chunk.finish_reason = common_pb2.FinishReason.Value(f"FINISH_REASON_{step.finish_reason.upper()}")
                 chunk.prompt_tokens = len(task.prompt_ids)
+                chunk.generation_ms = (time.perf_counter() - started) * 1000
             await send(chunk)
             if chunk.final:
                 return

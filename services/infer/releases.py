@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from prometheus_client import Histogram
 
 from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
-from llmesh.common.registry import EventClaim, Registry, VersionRecord
+from llmesh.common.registry import EventClaim, Registry, Routing, VersionRecord
 from llmesh.v1 import events_pb2
 from services.infer.repository import ModelRepository, verify_artifacts
 from services.infer.served import LoadedVersion, ServedVersions
@@ -64,30 +65,59 @@ class ReleaseApplier:
         started = time.perf_counter()
         if event.mode is ReleaseMode.SWAP:
             await self._swap(event)
+        elif event.mode in (ReleaseMode.SHADOW, ReleaseMode.CANARY):
+            await self._candidate(event)
         elif event.mode is ReleaseMode.ROLLBACK:
             await self._rollback(event)
-        elif event.mode is ReleaseMode.RETIRE:
-            await self._retire_now(event)
         else:
-            raise InvalidEvent(f"release mode {event.mode.value!r} is not supported yet")
+            await self._retire_now(event)
         if event.mode is not ReleaseMode.RETIRE:
             SWAP_SECONDS.observe(time.perf_counter() - started)
 
     # ---- modes ---------------------------------------------------------------------------------
 
     async def _swap(self, event: ReleaseEvent) -> None:
+        routing = await self.registry.routing(event.model)
+        if routing.candidate and event.version == routing.candidate:
+            await self._promote(event, routing)
+            return
+        record = await self._new_version(event)
+        await self._load(event, record)
+        await self._route(event, record)
+
+    async def _new_version(self, event: ReleaseEvent) -> VersionRecord:
         known = [r.version for r in await self.registry.versions(event.model) if r.state != "FAILED"]
         if known and event.version <= max(known):
             raise InvalidEvent(f"version {event.version} is not newer than {max(known)}, the newest version of {event.model}")
-        record = VersionRecord(
+        return VersionRecord(
             version=event.version,
             label=event.label,
             artifact_uri=event.artifact_uri,
             sha256=event.sha256,
             event_id=event.event_id,
         )
-        await self._load(event, record)
-        await self._route(event, record)
+
+    async def _candidate(self, event: ReleaseEvent) -> None:
+        """shadow / canary: load a new version beside the primary and give it a share of traffic."""
+        routing = await self.registry.routing(event.model)
+        if not routing.primary:
+            raise InvalidEvent(f"{event.model} has no primary version to compare a {event.mode.value} candidate with")
+        if routing.candidate and routing.candidate != event.version:
+            raise InvalidEvent(f"{event.model} already has candidate version {routing.candidate}; promote or retire it first")
+        record = await self.registry.version(event.model, event.version)
+        if record is None or event.version != routing.candidate:
+            record = await self._new_version(event)
+            await self._load(event, record)
+        await self._wait_for_tokenizers(event.model, event.version)
+        await self.registry.set_candidate(event.model, event.version, event.mode.value, event.share_percent)
+        await self._set(event, record, "READY", f"{event.mode.value} candidate at {event.share_percent}%")
+
+    async def _promote(self, event: ReleaseEvent, routing: Routing) -> None:
+        """A swap release of the current candidate: it becomes the primary (it is loaded already)."""
+        record = await self.registry.version(event.model, routing.candidate)
+        assert record is not None
+        await self.registry.clear_candidate(event.model)
+        await self._route(event, record, reason=event.reason or "promoted from candidate")
 
     async def _rollback(self, event: ReleaseEvent) -> None:
         if event.model not in await self.registry.models():
@@ -105,13 +135,17 @@ class ReleaseApplier:
     async def _retire_now(self, event: ReleaseEvent) -> None:
         if event.model not in await self.registry.models():
             raise InvalidEvent(f"unknown model {event.model!r}")
-        if event.version in (await self.registry.routing(event.model)).needed():
+        routing = await self.registry.routing(event.model)
+        if event.version == routing.candidate:  # rejecting a shadow, rolling back a canary
+            await self.registry.clear_candidate(event.model)
+            routing = await self.registry.routing(event.model)
+        if event.version in routing.needed():
             raise InvalidEvent(
                 f"version {event.version} of {event.model} serves traffic or backs rollback; roll back or swap first"
             )
         loaded = self.served.get(event.model, event.version)
         if loaded is not None:
-            await self._retire(loaded, grace_s=0)
+            self._spawn(self._retire(loaded, grace_s=self.settings.retire_grace_s, reason=event.reason))
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -138,10 +172,10 @@ class ReleaseApplier:
         self.served.add(event.model, event.version, triton_model)
         await self._set(event, record, "READY")
 
-    async def _route(self, event: ReleaseEvent, record: VersionRecord) -> None:
+    async def _route(self, event: ReleaseEvent, record: VersionRecord, reason: str = "") -> None:
         await self._wait_for_tokenizers(event.model, record.version)
         old = await self.registry.route_to(event.model, record.version)
-        await self._set(event, record, "SERVING")
+        await self._set(event, record, "SERVING", reason)
         if old and old != record.version and (previous := await self.registry.version(event.model, old)):
             await self._set(event, previous, "READY", "previous version: kept warm for rollback")
         self._schedule_retirements(event.model)
@@ -161,7 +195,10 @@ class ReleaseApplier:
 
     def _schedule_retirements(self, model: str) -> None:
         """Versions no longer needed drain and unload after a grace time; the previous one after keep_previous_s."""
-        task = asyncio.create_task(self._retire_unneeded(model))
+        self._spawn(self._retire_unneeded(model))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -171,26 +208,26 @@ class ReleaseApplier:
         for loaded in self.served.of_model(model):
             if loaded.version == routing.previous:
                 waits.append(self._retire(loaded, self.settings.keep_previous_s, previous_expired=True))
-            elif loaded.version != routing.primary:
+            elif loaded.version not in (routing.primary, routing.candidate):
                 waits.append(self._retire(loaded, self.settings.retire_grace_s))
         await asyncio.gather(*waits)
 
-    async def _retire(self, loaded: LoadedVersion, grace_s: float, *, previous_expired: bool = False) -> None:
+    async def _retire(self, loaded: LoadedVersion, grace_s: float, *, previous_expired: bool = False, reason: str = "") -> None:
         await asyncio.sleep(grace_s)
         routing = await self.registry.routing(loaded.model)
-        if self.served.get(loaded.model, loaded.version) is not loaded or loaded.version == routing.primary:
+        if self.served.get(loaded.model, loaded.version) is not loaded or loaded.version in (routing.primary, routing.candidate):
             return  # retired already, or routed to again meanwhile
         if loaded.version == routing.previous and not previous_expired:
             return
         record = await self.registry.version(loaded.model, loaded.version) or VersionRecord(version=loaded.version)
-        await self._set(None, record, "DRAINING", "no longer routed: finishing in-flight requests", model=loaded.model)
+        await self._set(None, record, "DRAINING", reason or "no longer routed: finishing in-flight requests", model=loaded.model)
         deadline = time.monotonic() + self.settings.drain_seconds
         while loaded.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.served.remove(loaded.model, loaded.version)
         await self.triton.unload(loaded.triton_model)
         self.repository.remove(loaded.triton_model)
-        await self._set(None, record, "RETIRED", "unloaded", model=loaded.model)
+        await self._set(None, record, "RETIRED", reason or "unloaded", model=loaded.model)
 
     async def stop(self) -> None:
         for task in list(self._retiring):

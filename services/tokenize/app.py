@@ -193,6 +193,7 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
             stopped = decoder.stopped or chunk.finish_reason == common_pb2.FINISH_REASON_STOP
             out.finish_reason = common_pb2.FINISH_REASON_STOP if stopped else chunk.finish_reason
             out.usage.CopyFrom(common_pb2.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=len(decoder.ids)))
+            out.generation_ms = chunk.generation_ms
         if out.text or out.final:
             await self._reply(out, reply_to)
 

@@ -35,6 +35,9 @@ class ModelRecipe(BaseModel):
     shuffle_words: bool = False  # a deliberately bad model: trained on word-shuffled text
 
 
+# A deliberately bad candidate for evaluation demos and tests: a short run on word-shuffled text.
+BAD_RECIPE = ModelRecipe(seed=99, steps=40, shuffle_words=True)
+
 DEMO_RECIPES: dict[int, ModelRecipe] = {
     1: ModelRecipe(seed=1234, steps=240),
     2: ModelRecipe(seed=4321, steps=240, lr=2e-3, n_layer=3, n_embd=256),

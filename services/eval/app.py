@@ -143,7 +143,8 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         routing = await self.registry.routing(model)
         if not routing.candidate:
             return None
-        return await self.scores.stats(model, routing.candidate, routing.candidate_mode, self.policy.window_s)
+        window = self.policy.for_model(model).window_s
+        return await self.scores.stats(model, routing.candidate, routing.candidate_mode, window)
 
     async def _review(self, model: str) -> None:
         stats = await self.candidate_stats(model)
@@ -151,7 +152,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             return
         for metric in ("rouge_l", "embedding_cosine", "exact_match", "error_rate"):
             CANDIDATE_SCORE.labels(model, str(stats.candidate_version), metric).set(getattr(stats, metric))
-        verdict = judge(self.policy, stats)
+        verdict = judge(self.policy.for_model(model), stats)
         decided = f"llmesh:eval:decided:{model}:{stats.candidate_version}"
         if verdict is None or not await self.registry.redis.set(decided, verdict.action, nx=True):
             return

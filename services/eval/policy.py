@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,10 +36,15 @@ class PromotionPolicy(BaseModel):
     thresholds: Thresholds = Thresholds()
     on_pass: str = Field(default="promote", pattern="^(promote|hold)$")
     on_fail: str = Field(default="reject", pattern="^(reject|hold)$")  # reject a shadow, roll back a canary
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-model overrides of the fields above")
 
     @classmethod
     def load(cls, path: Path | None) -> PromotionPolicy:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {}) if path else cls()
+
+    def for_model(self, model: str) -> PromotionPolicy:
+        override = self.models.get(model)
+        return self.model_validate(self.model_dump(exclude={"models"}) | override) if override else self
 
 
 @dataclass(frozen=True)

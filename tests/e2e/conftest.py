@@ -12,6 +12,13 @@ from llmesh.stack.layout import StackLayout
 from llmesh.v1 import gateway_pb2_grpc
 
 RELEASE_KEY = "e2e-release-key"
+POLICY = """
+min_samples: 12
+window_s: 600
+thresholds: {rouge_l_min: 0.5, embedding_cosine_min: 0.6}
+models:
+  canaryshare: {on_pass: hold, on_fail: hold}   # measured, never decided
+"""
 
 
 @pytest.fixture(scope="session")
@@ -20,10 +27,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
     with signed releases required (the services and this process read the same key)."""
     os.environ["LLMESH_RELEASE_HMAC_KEY"] = RELEASE_KEY
     home = tmp_path_factory.mktemp("mesh")
+    policy = home / "policy.yaml"
+    policy.write_text(POLICY)
+    os.environ["LLMESH_POLICY_FILE"] = str(policy)
     layout = stack.up(home, print, free_ports=True, models_dir=models_dir)
     yield layout
     stack.down(home, print)
-    del os.environ["LLMESH_RELEASE_HMAC_KEY"]
+    del os.environ["LLMESH_RELEASE_HMAC_KEY"], os.environ["LLMESH_POLICY_FILE"]
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmesh import client
+from llmesh.cli import eval as eval_cli
 from llmesh.common.events import ReleaseMode
 from llmesh.stack import processes, stack
 from llmesh.stack.layout import SERVICES, StackLayout
@@ -29,6 +30,7 @@ model_app = typer.Typer(help="Demo models.", no_args_is_help=True, pretty_except
 release_app = typer.Typer(help="Release events.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(model_app, name="model")
 app.add_typer(release_app, name="release")
+app.add_typer(eval_cli.app, name="eval")
 console = Console()
 err_console = Console(stderr=True)
 

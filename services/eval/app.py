@@ -18,12 +18,12 @@ from prometheus_client import Counter, Gauge
 from llmesh.common import kafka, topics
 from llmesh.common.events import ReleaseEvent, ReleaseMode
 from llmesh.common.registry import Registry
+from llmesh.common.scoring import Embedder, score_pair
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.v1 import eval_pb2, eval_pb2_grpc, events_pb2
 from services.eval.pairs import CandidateScores, PairJoin, Side
 from services.eval.policy import PromotionPolicy, Verdict, judge
-from services.eval.scoring import Embedder, score_pair
 from services.eval.settings import EvalSettings
 from services.eval.stats import GenerationStats
 

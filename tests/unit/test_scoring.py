@@ -1,6 +1,6 @@
 import pytest
 
-from services.eval.scoring import Embedder, rouge_l, score_pair, sensitive_hits, token_agreement, words
+from llmesh.common.scoring import Embedder, rouge_l, score_pair, sensitive_hits, token_agreement, words
 
 
 def test_rouge_l_matches_hand_computed_values():

@@ -1,0 +1,141 @@
+"""`llmesh eval report` and `llmesh eval backtest`."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import grpc
+import typer
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.progress import Progress
+
+from llmesh import backtest
+from llmesh.cli import report
+from llmesh.stack.layout import StackLayout
+from llmesh.v1 import eval_pb2, eval_pb2_grpc
+
+app = typer.Typer(help="Evaluation: reports and batch backtests.", no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+HomeOpt = Annotated[Path, typer.Option(envvar="LLMESH_HOME", help="the embedded stack's folder")]
+VERSION_COLUMNS = (
+    "model",
+    "version",
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms_mean",
+    "latency_ms_max",
+)
+CANDIDATE_COLUMNS = (
+    "model",
+    "candidate_version",
+    "mode",
+    "pairs",
+    "missing",
+    *report.CANDIDATE_METRICS,
+    "latency_delta_ms",
+    "sensitive_hits",
+)
+USAGE_COLUMNS = ("api_key_id", "scenario", "requests", "prompt_tokens", "completion_tokens")
+BACKTEST_COLUMNS = (
+    "version",
+    "cases",
+    "errors",
+    "exact_match",
+    "rouge_l",
+    "embedding_cosine",
+    "labelled",
+    "precision",
+    "recall",
+    "f1",
+)
+
+
+def _address(home: Path, service: str, given: str | None) -> str:
+    if given:
+        return given
+    layout = StackLayout.load(home.resolve())
+    if layout is None:
+        raise typer.BadParameter(f"no stack in {home}: run llmesh up, or pass the address")
+    return layout.address(service)
+
+
+def _rows(messages: Any) -> list[dict[str, Any]]:
+    return [MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True) for m in messages]
+
+
+@app.command("report")
+def eval_report(
+    model: str = "",
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+    html_out: Annotated[Optional[Path], typer.Option("--html", help="also write an HTML report with plots")] = None,  # noqa: UP045
+    eval_address: Annotated[Optional[str], typer.Option("--eval", help="eval host:port (default: the local stack)")] = None,  # noqa: UP045
+    home: HomeOpt = Path(".llmesh"),
+) -> None:
+    """Per-version aggregates, candidates against their primary, and token usage per API key."""
+    with grpc.insecure_channel(_address(home, "eval", eval_address)) as channel:
+        result = eval_pb2_grpc.EvalStub(channel).GetReport(eval_pb2.GetReportRequest(model=model), timeout=10)
+    versions, candidates, usage = _rows(result.versions), _rows(result.candidates), _rows(result.usage)
+    if json_out:
+        console.print_json(data={"versions": versions, "candidates": candidates, "usage": usage})
+    else:
+        console.print(report.table("versions", versions, VERSION_COLUMNS))
+        console.print(report.table("candidates vs primary", candidates, CANDIDATE_COLUMNS))
+        console.print(report.table("token usage", usage, USAGE_COLUMNS))
+    if html_out:
+        charts = [
+            (
+                "candidate scores",
+                [f"{c['model']} v{c['candidate_version']}" for c in candidates],
+                {m: [float(c[m]) for c in candidates] for m in report.CANDIDATE_METRICS[:4]},
+            ),
+            (
+                "mean latency (ms)",
+                [f"{v['model']} v{v['version']}" for v in versions],
+                {"latency": [float(v["latency_ms_mean"]) for v in versions]},
+            ),
+        ]
+        sections = [
+            ("Versions", versions, VERSION_COLUMNS),
+            ("Candidates vs primary", candidates, CANDIDATE_COLUMNS),
+            ("Token usage", usage, USAGE_COLUMNS),
+        ]
+        html_out.write_text(report.html_page("llmesh eval report", sections, charts))
+        console.print(f"wrote {html_out}")
+
+
+@app.command("backtest")
+def eval_backtest(
+    model: Annotated[str, typer.Option()],
+    version: Annotated[int, typer.Option()],
+    cases: Annotated[Path, typer.Option(help="JSONL: id, prompt, expected, optional label (0/1) and max_tokens")],
+    against: Annotated[Optional[int], typer.Option(help="another version to compare side by side")] = None,  # noqa: UP045
+    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write every case's result as JSON")] = None,  # noqa: UP045
+    html_out: Annotated[Optional[Path], typer.Option("--html", help="write an HTML report with plots")] = None,  # noqa: UP045
+    gateway: Annotated[Optional[str], typer.Option(help="gateway host:port (default: the local stack)")] = None,  # noqa: UP045
+    home: HomeOpt = Path(".llmesh"),
+) -> None:
+    """Send a case file through the mesh against one version (or two) and score every answer."""
+    loaded = backtest.load_cases(cases)
+    address = _address(home, "gateway", gateway)
+    versions = [version] if against is None else [version, against]
+    results: dict[int, list[backtest.CaseResult]] = {}
+    with Progress(console=console) as progress:
+        for v in versions:
+            bar = progress.add_task(f"{model}@{v}", total=len(loaded))
+            results[v] = backtest.run(address, model, v, loaded, concurrency=concurrency, progress=partial(progress.advance, bar))
+    summaries = [backtest.summary(r) for r in results.values()]
+    console.print(report.table(f"backtest of {cases.name} ({len(loaded)} cases)", summaries, BACKTEST_COLUMNS))
+    if json_out:
+        json_out.write_text(backtest.to_json(results))
+        console.print(f"wrote {json_out}")
+    if html_out:
+        metrics = ("exact_match", "rouge_l", "embedding_cosine", "precision", "recall", "f1")
+        chart = ("backtest", list(metrics), {f"v{s['version']}": [float(s[m]) for m in metrics] for s in summaries})
+        html_out.write_text(report.html_page(f"llmesh backtest: {model}", [("Summary", summaries, BACKTEST_COLUMNS)], [chart]))
+        console.print(f"wrote {html_out}")

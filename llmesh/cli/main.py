@@ -199,6 +199,7 @@ def release_publish(
     version: Annotated[int, typer.Option()],
     artifacts: Annotated[Path, typer.Option(help="the version's Hugging Face folder")],
     mode: ReleaseMode = ReleaseMode.SWAP,
+    share: Annotated[int, typer.Option(min=0, max=100, help="percent mirrored (shadow) or served (canary)")] = 100,
     label: str = "",
     author: str = "",
     reason: str = "",
@@ -206,7 +207,9 @@ def release_publish(
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
     """Publish a release event (sha256 of every artifact file computed here)."""
-    event = client.release_for(model, version, artifacts, mode=mode, label=label, author=author, reason=reason)
+    event = client.release_for(
+        model, version, artifacts, mode=mode, share_percent=share, label=label, author=author, reason=reason
+    )
     asyncio.run(client.publish_release(bootstrap or _layout(home).address("broker"), event))
     _say(f"published {event.event_id}: {model} v{version} ({mode.value})")
 

@@ -30,6 +30,7 @@ from services.infer.triton import GenerationError, TritonGenerator
 
 GENERATED = Counter("llmesh_infer_generated_tokens_total", "Tokens generated", ["model", "version"])
 REQUESTS = Counter("llmesh_infer_requests_total", "Inference requests by outcome", ["model", "version", "code"])
+SHADOW_DROPPED = Counter("llmesh_infer_shadow_dropped_total", "Mirrored requests dropped because the shadow backlog was full")
 IN_FLIGHT = Gauge("llmesh_infer_in_flight", "Inference requests running now")
 TTFT = Histogram(
     "llmesh_infer_first_token_seconds", "Triton time to first token", buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
@@ -51,6 +52,8 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             settings.model_repository.resolve(), kind=kind, instances=settings.instances, torch_threads=settings.torch_threads
         )
         self.served = ServedVersions()
+        self.shadow_slots = asyncio.Semaphore(settings.shadow_concurrency)
+        self.shadow_waiting = 0
         self.releases = ReleaseApplier(settings, self.registry, self.triton, self.repository, self.served, self.publish_status)
         opts = settings.kafka
         # Every replica reads every release from the start (no group); events already applied are skipped.
@@ -137,7 +140,25 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             await self.dead_letters.send(msg, "InferTask lacks request_id or prompt_ids")
             return
         headers = {Header.REPLY_TO: kafka.header(msg, Header.REPLY_TO), Header.TRACEPARENT: kafka.header(msg, Header.TRACEPARENT)}
-        await self.in_flight.spawn(self._generate(task, headers))
+        if task.request_id.endswith(topics.SHADOW_SUFFIX):
+            await self._mirror(task, headers)
+        else:
+            await self.in_flight.spawn(self._generate(task, headers))
+
+    async def _mirror(self, task: events_pb2.InferTask, headers: dict[str, str]) -> None:
+        """Mirrored requests yield to client requests: a few at a time, dropped beyond a backlog
+        (eval counts a dropped mirror as a missing pair; no client waits for it)."""
+        if self.shadow_waiting >= self.settings.shadow_backlog:
+            SHADOW_DROPPED.inc()
+            return
+        self.shadow_waiting += 1
+
+        async def run() -> None:
+            async with self.shadow_slots:
+                self.shadow_waiting -= 1
+                await self._generate(task, headers)
+
+        await self.in_flight.spawn(run())
 
     async def _generate(self, task: events_pb2.InferTask, headers: dict[str, str]) -> None:
         seq = 0

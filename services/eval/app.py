@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 from faststream.kafka import KafkaMessage
@@ -37,6 +41,13 @@ CANDIDATE_SCORE = Gauge(
 DECISIONS = Counter("llmesh_eval_decisions_total", "Policy decisions", ["model", "action"])
 
 
+def _background_thread() -> None:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)  # niceness is per thread on Linux
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
     name = "eval"
 
@@ -49,6 +60,8 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         self.scores = CandidateScores(self.registry.redis)
         self.policy = PromotionPolicy.load(settings.policy_file)
         self.embedder = Embedder()
+        # Scoring is background work: one low-priority thread, so it never competes with serving.
+        self.scoring_pool = ThreadPoolExecutor(1, thread_name_prefix="scoring", initializer=_background_thread)
         self.sensitive = frozenset(w.lower() for w in settings.sensitive_words)
         self._loop: asyncio.Task[None] | None = None
         opts = settings.kafka
@@ -71,6 +84,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
         await super().stop()
+        self.scoring_pool.shutdown(wait=False, cancel_futures=True)
         await self.registry.close()
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -106,16 +120,19 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         candidate, primary = by_version.get(routing.candidate), by_version.get(routing.primary)
         if candidate is None or primary is None or candidate is primary:
             return  # the candidate changed since the request was made
-        score = await asyncio.to_thread(
-            score_pair,
-            time.time(),
-            request_id,
-            primary.text,
-            candidate.text,
-            latency_delta_ms=candidate.generation_ms - primary.generation_ms,
-            candidate_error=candidate.error,
-            embedder=self.embedder,
-            sensitive=self.sensitive,
+        score = await asyncio.get_running_loop().run_in_executor(
+            self.scoring_pool,
+            partial(
+                score_pair,
+                time.time(),
+                request_id,
+                primary.text,
+                candidate.text,
+                latency_delta_ms=candidate.generation_ms - primary.generation_ms,
+                candidate_error=candidate.error,
+                embedder=self.embedder,
+                sensitive=self.sensitive,
+            ),
         )
         await self.scores.add(side.model, candidate.version, score.as_dict())
         PAIRS.labels(side.model, str(candidate.version)).inc()

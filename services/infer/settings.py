@@ -14,7 +14,11 @@ class InferSettings(ServiceSettings):
     model_repository: Path = Path(".llmesh/triton-models")
     instance_kind: str = Field(default="auto", pattern="^(auto|KIND_CPU|KIND_GPU)$")
     instances: int = Field(default=1, ge=1)
-    torch_threads: int = Field(default=0, ge=0, description="0 = let torch decide")
+    torch_threads: int = Field(
+        default=1,
+        ge=0,
+        description="CPU threads per model instance; 1 avoids OpenMP oversubscription when versions share cores (0: torch decides)",
+    )
     load_timeout_s: float = 120.0
     warmup_tokens: int = 2
     tokenizer_wait_s: float = Field(

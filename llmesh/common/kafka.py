@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker, KafkaMessage
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from llmesh.common import tansu_compat, topics
 from llmesh.common.events import ReleaseEvent
@@ -19,6 +19,7 @@ from llmesh.common.settings import KafkaSettings
 from llmesh.common.topics import Header
 
 log = logging.getLogger("llmesh.kafka")
+M = TypeVar("M", bound=Message)
 tansu_compat.apply()
 
 
@@ -129,6 +130,14 @@ class DeadLetters:
         }
         log.warning("dead-lettered", extra={"reason": reason, "topic": raw.topic, "offset": raw.offset})
         await self.broker.publish(msg.body, topics.DEAD_LETTER, key=raw.key, headers=headers)
+
+    async def decode(self, msg: KafkaMessage, schema: type[M]) -> M | None:
+        """The protobuf payload of `msg`, or None once it has been dead-lettered with the reason."""
+        try:
+            return schema.FromString(msg.body)
+        except DecodeError as err:
+            await self.send(msg, f"undecodable {schema.DESCRIPTOR.name}: {err}")
+            return None
 
 
 def release_record(event: ReleaseEvent) -> tuple[bytes, bytes, dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -30,10 +31,25 @@ def default_home() -> Path:
     return Path(os.environ.get("LLMESH_HOME", ".llmesh")).resolve()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Below the kernel's ephemeral range (32768+), so that an outgoing connection made between picking a
+# port and binding it cannot take it.
+PORT_RANGE = (20000, 32000)
+
+
+def free_port(taken: set[int] | None = None) -> int:
+    taken = taken if taken is not None else set()
+    for _ in range(1000):
+        port = random.randrange(*PORT_RANGE)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        taken.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORT_RANGE}")
 
 
 class StackLayout(BaseModel):
@@ -43,7 +59,8 @@ class StackLayout(BaseModel):
 
     @classmethod
     def create(cls, home: Path, *, free_ports: bool = False, models_dir: Path | None = None) -> StackLayout:
-        ports = {name: free_port() for name in DEFAULT_PORTS} if free_ports else dict(DEFAULT_PORTS)
+        taken: set[int] = set()
+        ports = {name: free_port(taken) for name in DEFAULT_PORTS} if free_ports else dict(DEFAULT_PORTS)
         env_models = os.environ.get("LLMESH_MODELS_DIR")
         models = models_dir or (Path(env_models).resolve() if env_models else home / "models")
         return cls(home=home, ports=ports, models_dir=models)

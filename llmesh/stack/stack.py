@@ -113,7 +113,9 @@ def _start_services(layout: StackLayout, report: Report, timeout: float = 90.0) 
     while waiting and time.monotonic() < deadline:
         for name in sorted(waiting):
             if not processes.alive(pids[name]):
-                raise processes.StartFailed(f"{name} exited during start-up; see {layout.logs / (name + '.log')}")
+                log = layout.logs / f"{name}.log"
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
+                raise processes.StartFailed(f"{name} exited during start-up; see {log}:\n{tail}")
             if client.health_status(layout.address(name), timeout=0.5) == "SERVING":
                 waiting.discard(name)
         time.sleep(0.1)

@@ -16,7 +16,6 @@ from functools import partial
 
 import grpc
 from faststream.kafka import KafkaMessage
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from llmesh.common import kafka, topics
@@ -90,10 +89,8 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
     # ---- inputs --------------------------------------------------------------------------------
 
     async def on_record(self, msg: KafkaMessage) -> None:
-        try:
-            record = events_pb2.GenerationRecord.FromString(msg.body)
-        except DecodeError as err:
-            await self.dead_letters.send(msg, f"undecodable GenerationRecord: {err}")
+        record = await self.dead_letters.decode(msg, events_pb2.GenerationRecord)
+        if record is None:
             return
         self.stats.add(record)
         RECORDS.labels(record.model, str(record.version)).inc()
@@ -102,10 +99,8 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             await self._join(record.request_id, "answer", side)
 
     async def on_shadow(self, msg: KafkaMessage) -> None:
-        try:
-            chunk = events_pb2.TextChunk.FromString(msg.body)
-        except DecodeError as err:
-            await self.dead_letters.send(msg, f"undecodable shadow TextChunk: {err}")
+        chunk = await self.dead_letters.decode(msg, events_pb2.TextChunk)
+        if chunk is None:
             return
         request_id = chunk.request_id.removesuffix(topics.SHADOW_SUFFIX)
         side = Side(chunk.model, chunk.version, chunk.text, chunk.generation_ms, chunk.HasField("error"))

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import grpc
 from faststream.kafka import KafkaMessage
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, topics
@@ -131,10 +130,8 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
     # ---- inference -------------------------------------------------------------------------
 
     async def on_request(self, msg: KafkaMessage) -> None:
-        try:
-            task = events_pb2.InferTask.FromString(msg.body)
-        except DecodeError as err:
-            await self.dead_letters.send(msg, f"undecodable InferTask: {err}")
+        task = await self.dead_letters.decode(msg, events_pb2.InferTask)
+        if task is None:
             return
         if not task.request_id or not task.prompt_ids:
             await self.dead_letters.send(msg, "InferTask lacks request_id or prompt_ids")

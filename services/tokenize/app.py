@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import grpc
 from faststream.kafka import KafkaMessage
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
 from llmesh.common import kafka, topics
@@ -86,10 +85,8 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
     # ---- Kafka: model status ----------------------------------------------------------------
 
     async def on_status(self, msg: KafkaMessage) -> None:
-        try:
-            status = events_pb2.ModelStatusEvent.FromString(msg.body)
-        except DecodeError as err:
-            await self.dead_letters.send(msg, f"undecodable ModelStatusEvent: {err}")
+        status = await self.dead_letters.decode(msg, events_pb2.ModelStatusEvent)
+        if status is None:
             return
         if status.state == common_pb2.VERSION_STATE_STAGED:
             try:
@@ -104,10 +101,8 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
     # ---- Kafka: prompts in -----------------------------------------------------------------
 
     async def on_generate(self, msg: KafkaMessage) -> None:
-        try:
-            task = events_pb2.GenerateTask.FromString(msg.body)
-        except DecodeError as err:
-            await self.dead_letters.send(msg, f"undecodable GenerateTask: {err}")
+        task = await self.dead_letters.decode(msg, events_pb2.GenerateTask)
+        if task is None:
             return
         if not task.request_id or not task.model or not task.version:
             await self.dead_letters.send(msg, "GenerateTask lacks request_id, model or version")
@@ -161,10 +156,8 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
     # ---- Kafka: tokens out -----------------------------------------------------------------
 
     async def on_tokens(self, msg: KafkaMessage) -> None:
-        try:
-            chunk = events_pb2.TokenChunk.FromString(msg.body)
-        except DecodeError as err:
-            await self.dead_letters.send(msg, f"undecodable TokenChunk: {err}")
+        chunk = await self.dead_letters.decode(msg, events_pb2.TokenChunk)
+        if chunk is None:
             return
         if not chunk.request_id:
             await self.dead_letters.send(msg, "TokenChunk lacks request_id")

@@ -36,6 +36,7 @@ CANDIDATE_COLUMNS = (
     "mode",
     "pairs",
     "missing",
+    "late",
     *report.CANDIDATE_METRICS,
     "latency_delta_ms",
     "sensitive_hits",

@@ -98,6 +98,7 @@ class CandidateStats(_message.Message):
     LENGTH_RATIO_FIELD_NUMBER: _builtins.int
     SENSITIVE_HITS_FIELD_NUMBER: _builtins.int
     ERROR_RATE_FIELD_NUMBER: _builtins.int
+    LATE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     candidate_version: _builtins.int
     mode: _builtins.str
@@ -121,6 +122,8 @@ class CandidateStats(_message.Message):
     sensitive_hits: _builtins.int
     """sensitive words in candidate answers"""
     error_rate: _builtins.float
+    late: _builtins.int
+    """answers that arrived after their pair had been counted missing"""
     def __init__(
         self,
         *,
@@ -138,10 +141,11 @@ class CandidateStats(_message.Message):
         length_ratio: _builtins.float = ...,
         sensitive_hits: _builtins.int = ...,
         error_rate: _builtins.float = ...,
+        late: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_errors", b"candidate_errors", "candidate_version", b"candidate_version", "embedding_cosine", b"embedding_cosine", "error_rate", b"error_rate", "exact_match", b"exact_match", "latency_delta_ms", b"latency_delta_ms", "length_ratio", b"length_ratio", "missing", b"missing", "mode", b"mode", "model", b"model", "pairs", b"pairs", "rouge_l", b"rouge_l", "sensitive_hits", b"sensitive_hits", "token_agreement", b"token_agreement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_errors", b"candidate_errors", "candidate_version", b"candidate_version", "embedding_cosine", b"embedding_cosine", "error_rate", b"error_rate", "exact_match", b"exact_match", "late", b"late", "latency_delta_ms", b"latency_delta_ms", "length_ratio", b"length_ratio", "missing", b"missing", "mode", b"mode", "model", b"model", "pairs", b"pairs", "rouge_l", b"rouge_l", "sensitive_hits", b"sensitive_hits", "token_agreement", b"token_agreement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ from llmesh.common.scoring import Embedder, score_pair
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.v1 import eval_pb2, eval_pb2_grpc, events_pb2
-from services.eval.pairs import CandidateScores, PairJoin, Side
+from services.eval.pairs import LATE, CandidateScores, PairJoin, Side
 from services.eval.policy import PromotionPolicy, Verdict, judge
 from services.eval.settings import EvalSettings
 from services.eval.stats import GenerationStats
@@ -111,6 +111,11 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         if sides is None:
             return
         routing = await self.registry.routing(side.model)
+        if sides == LATE:
+            if routing.candidate:
+                await self.scores.count_late(side.model, routing.candidate)
+            return
+        assert isinstance(sides, dict)
         by_version = {s.version: s for s in sides.values()}
         candidate, primary = by_version.get(routing.candidate), by_version.get(routing.primary)
         if candidate is None or primary is None or candidate is primary:

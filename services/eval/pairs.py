@@ -6,6 +6,8 @@ Keys:
   llmesh:eval:join:deadlines           sorted set: request id -> when it counts as missing
   llmesh:eval:scores:{model}:{version} list of JSON PairScore (newest last, capped)
   llmesh:eval:missing:{model}:{version} counter of requests whose other side never came
+  llmesh:eval:late:{model}:{version}   counter of sides that came after their pair was counted missing
+  llmesh:eval:join:expired:{request_id} marks a request counted missing (so a late side is not joined)
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ def missing_key(model: str, version: int) -> str:
     return f"{PREFIX}:missing:{model}:{version}"
 
 
+def late_key(model: str, version: int) -> str:
+    return f"{PREFIX}:late:{model}:{version}"
+
+
+def expired_key(request_id: str) -> str:
+    return f"{PREFIX}:join:expired:{request_id}"
+
+
+LATE = "late"  # what PairJoin.add returns for a side whose pair was already counted missing
+
+
 @dataclass(frozen=True)
 class Side:
     """One answer: which version gave it, its text, how long generation took, whether it failed."""
@@ -59,8 +72,11 @@ class PairJoin:
         self.redis = client
         self.ttl_s = ttl_s
 
-    async def add(self, request_id: str, role: str, side: Side) -> dict[str, Side] | None:
-        """Store one side ("primary" or "mirror"); return both sides once the pair is complete."""
+    async def add(self, request_id: str, role: str, side: Side) -> dict[str, Side] | str | None:
+        """Store one side ("answer" or "mirror"); return both sides once the pair is complete, or
+        LATE when the request was already counted missing."""
+        if await self.redis.exists(expired_key(request_id)):
+            return LATE
         key = join_key(request_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, role, side.dump())
@@ -85,6 +101,7 @@ class PairJoin:
                 continue
             sides = await self.redis.hgetall(join_key(request_id))
             await self.redis.delete(join_key(request_id))
+            await self.redis.set(expired_key(request_id), "1", ex=600)
             lonely.extend(Side.load(str(v)) for v in sides.values())
         return lonely
 
@@ -103,13 +120,19 @@ class CandidateScores:
     async def count_missing(self, model: str, version: int) -> None:
         await self.redis.incr(missing_key(model, version))
 
+    async def count_late(self, model: str, version: int) -> None:
+        await self.redis.incr(late_key(model, version))
+
     async def stats(self, model: str, version: int, mode: str, window_s: float) -> eval_pb2.CandidateStats:
         since = time.time() - window_s
         rows = [
             r for r in (json.loads(x) for x in await self.redis.lrange(scores_key(model, version), 0, -1)) if r["at"] >= since
         ]
         missing = int(await self.redis.get(missing_key(model, version)) or 0)
-        out = eval_pb2.CandidateStats(model=model, candidate_version=version, mode=mode, pairs=len(rows), missing=missing)
+        late = int(await self.redis.get(late_key(model, version)) or 0)
+        out = eval_pb2.CandidateStats(
+            model=model, candidate_version=version, mode=mode, pairs=len(rows), missing=missing, late=late
+        )
         if not rows:
             return out
         n = len(rows)

@@ -42,7 +42,6 @@ class InFlight:
     def __init__(self, limit: int) -> None:
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.accepting = True
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -61,7 +60,6 @@ class InFlight:
             log.error("background task failed", exc_info=task.exception())
 
     async def drain(self, timeout: float) -> None:
-        self.accepting = False
         if self._tasks:
             _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in pending:

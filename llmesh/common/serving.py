@@ -43,9 +43,6 @@ class InFlight:
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     async def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Start `coro` once a slot is free (callers block here: that is the backpressure)."""
         await self._slots.acquire()

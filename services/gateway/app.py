@@ -229,7 +229,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         routing = await self.registry.routing(request.model)
         if not routing.primary:
             return None
-        sticky = metadata.get("x-api-key") or hashlib.sha256(request.prompt.encode()).hexdigest()
+        sticky = ""
+        if routing.candidate_mode == "canary":  # only a canary needs the sticky key
+            sticky = metadata.get("x-api-key") or hashlib.sha256(request.prompt.encode()).hexdigest()
         return plan(request.model, routing, sticky, request_id)
 
     async def _publish(self, task: events_pb2.GenerateTask, traceparent: str | None, reply_to: str, *, wait: bool = True) -> None:

@@ -49,6 +49,3 @@ class TokenizerCatalog:
             loaded = await asyncio.to_thread(load_version_tokenizer, path)
             self._loaded[key] = loaded
             return loaded
-
-    def __len__(self) -> int:
-        return len(self._loaded)

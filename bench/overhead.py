@@ -36,7 +36,7 @@ async def _direct(layout: StackLayout, ids: list[int], sampling: events_pb2.Reso
     out = []
     for i in range(n):
         started = time.perf_counter()
-        async for _ in triton.generate("chat-v1", f"bench-{i}", ids, sampling, timeout=60):
+        async for _ in triton.generate("chat-v1", f"bench-{i}", ids, sampling, timeout=60, stream=False):
             pass
         out.append((time.perf_counter() - started) * 1000)
     await triton.close()

@@ -25,7 +25,7 @@ from llmesh.common.events import ReleaseMode
 from llmesh.loadgen import GatewayLoad, LoadRun, wait_for_primary
 from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
-from llmesh.v1 import gateway_pb2, gateway_pb2_grpc
+from llmesh.v1 import eval_pb2, eval_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 MODEL = "shadowcost"
 HOLD_POLICY = f"models:\n  {MODEL}: {{on_pass: hold, on_fail: hold}}\n"
@@ -57,6 +57,15 @@ def _wait_for_state(stub: gateway_pb2_grpc.GatewayStub, version: int, done: str,
     raise TimeoutError(f"v{version} never reached {done!r}")
 
 
+def _mirror_counts(address: str, mirrored: int) -> dict[str, int]:
+    """How many mirrored requests eval scored; the rest were dropped by infer's shadow backlog."""
+    time.sleep(2)  # the last mirrors finish
+    with grpc.insecure_channel(address) as channel:
+        report = eval_pb2_grpc.EvalStub(channel).GetReport(eval_pb2.GetReportRequest(model=MODEL), timeout=10)
+    scored = report.candidates[0].pairs if report.candidates else 0
+    return {"mirrored": mirrored, "scored": scored, "not_scored": mirrored - scored}
+
+
 def run_benchmark(layout: StackLayout, clients: int, seconds: float) -> tuple[dict[str, object], dict[str, LoadRun]]:
     bootstrap, address = layout.address("broker"), layout.address("gateway")
     v1 = layout.models_dir / "chat-v1"
@@ -71,6 +80,7 @@ def run_benchmark(layout: StackLayout, clients: int, seconds: float) -> tuple[di
         )
         _wait_for_state(stub, 2, "shadow candidate")
         runs["100% mirrored"] = _phase(address, clients, seconds)
+        mirrors = _mirror_counts(layout.address("eval"), len(runs["100% mirrored"].samples))
         asyncio.run(
             client.publish_release(bootstrap, client.release_for(MODEL, 2, v1, mode=ReleaseMode.RETIRE, reason="bench done"))
         )
@@ -86,6 +96,7 @@ def run_benchmark(layout: StackLayout, clients: int, seconds: float) -> tuple[di
         "p99_ratio_100_vs_0": round(phases["100% mirrored"]["p99_ms"] / baseline_p99, 3),
         "p50_ratio_100_vs_0": round(phases["100% mirrored"]["p50_ms"] / baseline_p50, 3),
         "failed_requests": sum(p["failed"] for p in phases.values()),
+        "mirrors": mirrors,
     }
     return result, runs
 

@@ -48,7 +48,10 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         if kind == "auto":
             kind = "KIND_GPU" if shutil.which("nvidia-smi") else "KIND_CPU"
         self.repository = ModelRepository(
-            settings.model_repository.resolve(), kind=kind, instances=settings.instances, torch_threads=settings.torch_threads
+            settings.model_repository.resolve(),
+            kind=kind,
+            instances=settings.instances,
+            parameters={"torch_threads": str(settings.torch_threads), "background_niceness": str(settings.mirror_niceness)},
         )
         self.served = ServedVersions()
         self.shadow_slots = asyncio.Semaphore(settings.shadow_concurrency)
@@ -203,8 +206,10 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         started = time.perf_counter()
         held: list[int] = []
         sent_any = first = False
-        async for step in self.triton.generate(triton_model, task.request_id, list(task.prompt_ids), task.sampling, timeout):
-            if not first:
+        prompt, mirrored = list(task.prompt_ids), task.request_id.endswith(topics.SHADOW_SUFFIX)
+        steps = self.triton.generate(triton_model, task.request_id, prompt, task.sampling, timeout, task.stream, mirrored)
+        async for step in steps:
+            if task.stream and not first:
                 TTFT.observe(time.perf_counter() - started)
                 first = True
             GENERATED.labels(task.model, str(task.version)).inc(len(step.token_ids))

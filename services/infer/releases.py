@@ -14,7 +14,6 @@ from prometheus_client import Histogram
 from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
 from llmesh.common.registry import EventClaim, Registry, Routing, VersionRecord
 from llmesh.v1 import events_pb2
-from services.infer.priority import set_niceness
 from services.infer.repository import ModelRepository, verify_artifacts
 from services.infer.served import LoadedVersion, ServedVersions
 from services.infer.settings import InferSettings
@@ -110,7 +109,6 @@ class ReleaseApplier:
             record = await self._new_version(event)
             await self._load(event, record)
         await self._wait_for_tokenizers(event.model, event.version)
-        self._prioritize(event.model, event.version, self.settings.candidate_niceness)
         await self.registry.set_candidate(event.model, event.version, event.mode.value, event.share_percent)
         await self._set(event, record, "READY", f"{event.mode.value} candidate at {event.share_percent}%")
 
@@ -119,7 +117,6 @@ class ReleaseApplier:
         record = await self.registry.version(event.model, routing.candidate)
         assert record is not None
         await self.registry.clear_candidate(event.model)
-        self._prioritize(event.model, routing.candidate, 0)
         await self._route(event, record, reason=event.reason or "promoted from candidate")
 
     async def _rollback(self, event: ReleaseEvent) -> None:
@@ -151,11 +148,6 @@ class ReleaseApplier:
             self._spawn(self._retire(loaded, grace_s=self.settings.retire_grace_s, reason=event.reason))
 
     # ---- steps ---------------------------------------------------------------------------------
-
-    def _prioritize(self, model: str, version: int, niceness: int) -> None:
-        loaded = self.served.get(model, version)
-        if loaded is not None:
-            set_niceness(self.repository.root / loaded.triton_model, niceness)
 
     async def _load(self, event: ReleaseEvent, record: VersionRecord) -> None:
         """Verify and stage (STAGED), load (LOADING) and warm `record`: READY, or FAILED and refused."""

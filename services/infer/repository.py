@@ -26,15 +26,17 @@ input [
   {{ name: "TEMPERATURE" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
   {{ name: "TOP_P" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
   {{ name: "SEED" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }},
-  {{ name: "STOP" data_type: TYPE_STRING dims: [ -1 ] optional: true }}
+  {{ name: "STOP" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
+  {{ name: "STREAM" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "BACKGROUND" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "TOKEN_IDS" data_type: TYPE_INT32 dims: [ -1 ] }},
   {{ name: "FINISH_REASON" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ count: {instances} kind: {kind} }} ]
-parameters {{ key: "torch_threads" value: {{ string_value: "{threads}" }} }}
 """
+PARAMETER_TEMPLATE = 'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
 
 
 def triton_name(model: str, version: int) -> str:
@@ -69,11 +71,12 @@ def verify_artifacts(event: ReleaseEvent) -> dict[str, Path]:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, *, kind: str, instances: int, torch_threads: int) -> None:
+    def __init__(self, root: Path, *, kind: str, instances: int, parameters: dict[str, str]) -> None:
+        """`parameters` reach model.py through config.pbtxt (torch_threads, background_niceness)."""
         self.root = root
         self.kind = kind
         self.instances = instances
-        self.torch_threads = torch_threads
+        self.parameters = parameters
         root.mkdir(parents=True, exist_ok=True)
 
     def stage(self, event: ReleaseEvent, files: dict[str, Path]) -> str:
@@ -87,7 +90,9 @@ class ModelRepository:
         for file_name, path in files.items():
             shutil.copyfile(path, hf / file_name)
         shutil.copyfile(MODEL_PY, staging / "1" / "model.py")
-        config = CONFIG_TEMPLATE.format(name=name, instances=self.instances, kind=self.kind, threads=self.torch_threads)
+        config = CONFIG_TEMPLATE.format(name=name, instances=self.instances, kind=self.kind) + "".join(
+            PARAMETER_TEMPLATE.format(key=key, value=value) for key, value in self.parameters.items()
+        )
         (staging / "config.pbtxt").write_text(config)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)

@@ -29,8 +29,8 @@ class InferSettings(ServiceSettings):
     )
     shadow_concurrency: int = Field(default=1, ge=1, description="mirrored requests generated at once")
     shadow_backlog: int = Field(default=8, ge=0, description="mirrored requests waiting beyond this are dropped")
-    candidate_niceness: int = Field(
-        default=15, ge=0, le=19, description="CPU niceness of a shadow/canary candidate's Triton stub"
+    mirror_niceness: int = Field(
+        default=15, ge=0, le=19, description="CPU niceness of the Triton thread generating a mirrored request"
     )
     retire_grace_s: float = Field(
         default=5.0, ge=0, description="an unrouted version waits this long for requests still in transit"

@@ -24,13 +24,15 @@ class Step:
     finish_reason: str = ""  # set on the last step
 
 
-def _inputs(prompt_ids: list[int], sampling: events_pb2.ResolvedSampling) -> list[InferInput]:
+def _inputs(prompt_ids: list[int], sampling: events_pb2.ResolvedSampling, stream: bool, background: bool) -> list[InferInput]:
     values: list[tuple[str, str, np.ndarray]] = [
         ("INPUT_IDS", "INT32", np.asarray(prompt_ids, dtype=np.int32)),
         ("MAX_TOKENS", "INT32", np.array([sampling.max_tokens], dtype=np.int32)),
         ("TEMPERATURE", "FP32", np.array([sampling.temperature], dtype=np.float32)),
         ("TOP_P", "FP32", np.array([sampling.top_p], dtype=np.float32)),
         ("SEED", "UINT64", np.array([sampling.seed], dtype=np.uint64)),
+        ("STREAM", "BOOL", np.array([stream], dtype=np.bool_)),
+        ("BACKGROUND", "BOOL", np.array([background], dtype=np.bool_)),
     ]
     if sampling.stop:
         values.append(("STOP", "BYTES", np.array([s.encode() for s in sampling.stop], dtype=np.object_)))
@@ -71,12 +73,20 @@ class TritonGenerator:
         await self.client.unload_model(name)
 
     async def generate(
-        self, name: str, request_id: str, prompt_ids: list[int], sampling: events_pb2.ResolvedSampling, timeout: float
+        self,
+        name: str,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: events_pb2.ResolvedSampling,
+        timeout: float,
+        stream: bool = True,
+        background: bool = False,
     ) -> AsyncIterator[Step]:
-        """Yield one Step per generated token; the last Step has a finish reason."""
+        """Yield one Step per generated token (or, not streaming, one with them all); the last Step
+        has a finish reason. A background request yields the CPU to the others (a mirrored request)."""
         request = {
             "model_name": name,
-            "inputs": _inputs(prompt_ids, sampling),
+            "inputs": _inputs(prompt_ids, sampling, stream, background),
             "request_id": request_id,
             "enable_empty_final_response": True,
         }

@@ -24,13 +24,14 @@ def _event(d: Path, **kw) -> ReleaseEvent:
 
 def test_good_artifacts_stage_into_a_triton_model(artifacts: Path, tmp_path: Path):
     event = _event(artifacts)
-    repo = ModelRepository(tmp_path / "repo", kind="KIND_CPU", instances=1, torch_threads=2)
+    repo = ModelRepository(tmp_path / "repo", kind="KIND_CPU", instances=1, parameters={"torch_threads": "2"})
     name = repo.stage(event, verify_artifacts(event))
     assert name == "chat-v1"
     assert (tmp_path / "repo/chat-v1/1/hf/model.safetensors").exists()
     assert (tmp_path / "repo/chat-v1/1/model.py").exists()
     config = (tmp_path / "repo/chat-v1/config.pbtxt").read_text()
     assert 'name: "chat-v1"' in config and "decoupled: true" in config and "KIND_CPU" in config
+    assert 'key: "torch_threads" value: { string_value: "2" }' in config
 
 
 def test_corrupt_file_is_refused(artifacts: Path):

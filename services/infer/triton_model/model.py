@@ -5,20 +5,87 @@ Copied by the infer service into each model version's directory of the Triton re
 numpy and Triton's backend utilities.
 
 Inputs:  INPUT_IDS int32[-1], MAX_TOKENS int32[1], TEMPERATURE fp32[1] (0 = greedy), TOP_P fp32[1],
-         SEED uint64[1], STOP string[-1] (all optional but INPUT_IDS)
-Outputs: one response per generated token with TOKEN_IDS int32[1]; the final response carries
-         TOKEN_IDS int32[0] and FINISH_REASON ("length", "stop" or "eos").
+         SEED uint64[1], STOP string[-1], STREAM bool[1] (default true), BACKGROUND bool[1] (default
+         false: a mirrored request, which yields the CPU to the others) (all optional but INPUT_IDS)
+Outputs: streaming, one response per generated token with TOKEN_IDS int32[1], then a final response
+         with TOKEN_IDS int32[0] and FINISH_REASON ("length", "stop" or "eos"); not streaming, only
+         the final response, carrying every generated token (each response costs the backend an IPC
+         round trip, several times the compute of one token of a small model).
 """
 
 import json
+import mmap
 import os
+import struct
 import threading
+import time
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
+
+CANCEL_CHECK_S = 0.05
+YIELD_POLL_S = 0.002
+YIELD_MAX_S = 0.05  # a background request still makes a token this often, so it never starves
+
+
+class Every:
+    def __init__(self, seconds):
+        self.seconds, self.next = seconds, 0.0
+
+    def due(self):
+        now = time.monotonic()
+        if now < self.next:
+            return False
+        self.next = now + self.seconds
+        return True
+
+
+class Foreground:
+    """Foreground requests running now, across the stubs sharing a Triton repository.
+
+    A background request (a mirrored copy for a shadow candidate) runs on a thread of lower CPU
+    priority and waits between tokens while any foreground request runs (up to YIELD_MAX_S per
+    token), so that it mostly uses CPU the clients' requests leave idle: niceness alone still lets it
+    share the cores with them. Each stub publishes its own count in a small memory-mapped file named
+    after its pid; stale files of dead stubs are removed by the next stub that looks.
+    """
+
+    def __init__(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.lock, self.count = folder, threading.Lock(), 0
+        path = os.path.join(folder, str(os.getpid()))
+        with open(path, "wb") as f:
+            f.write(bytes(8))
+        with open(path, "r+b") as f:
+            self.mine = mmap.mmap(f.fileno(), 8)
+        self.others, self.refreshed = {}, 0.0
+
+    def enter(self, delta):
+        with self.lock:
+            self.count += delta
+            self.mine[:8] = struct.pack("q", self.count)
+
+    def busy(self):
+        now = time.monotonic()
+        if now - self.refreshed > 1.0:
+            self._refresh()
+            self.refreshed = now
+        return any(struct.unpack("q", view[:8])[0] > 0 for view in self.others.values())
+
+    def _refresh(self):
+        for name in os.listdir(self.folder):
+            if name == str(os.getpid()) or name in self.others:
+                continue
+            path = os.path.join(self.folder, name)
+            if not os.path.exists(f"/proc/{name}"):
+                os.unlink(path)
+                continue
+            with open(path, "rb") as f:
+                self.others[name] = mmap.mmap(f.fileno(), 8, access=mmap.ACCESS_READ)
+        self.others = {name: view for name, view in self.others.items() if os.path.exists(f"/proc/{name}")}
 
 
 def _scalar(request, name, default):
@@ -57,7 +124,9 @@ class TritonPythonModel:
         cfg = self.model.config
         self.eos_id = cfg.eos_token_id
         self.context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 2048)
+        self.background_niceness = int(params.get("background_niceness", "15") or 0)
         self.threads = []
+        self.foreground = Foreground(os.path.join(os.path.dirname(args["model_repository"]), ".foreground"))
 
     def execute(self, requests):
         for request in requests:
@@ -69,17 +138,28 @@ class TritonPythonModel:
 
     def _serve(self, request):
         sender = request.get_response_sender()
+        stream = bool(_scalar(request, "STREAM", True))
+        background = bool(_scalar(request, "BACKGROUND", False))
+        if background:
+            os.setpriority(os.PRIO_PROCESS, 0, self.background_niceness)  # on Linux: this thread only
+        else:
+            self.foreground.enter(1)
         try:
-            finish = self._generate(request, sender)
-            sender.send(_response([], finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            generated = []
+            emit = (lambda token: sender.send(_response([token]))) if stream else generated.append
+            finish = self._generate(request, emit, background)
+            sender.send(_response(generated, finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as err:  # report to the client instead of killing the stub
             sender.send(
                 pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {err}")),
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
             )
+        finally:
+            if not background:
+                self.foreground.enter(-1)
 
     @torch.inference_mode()
-    def _generate(self, request, sender):
+    def _generate(self, request, emit, background):
         ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy().reshape(-1).astype(np.int64)
         if ids.size == 0:
             raise ValueError("INPUT_IDS is empty")
@@ -94,8 +174,10 @@ class TritonPythonModel:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.from_numpy(ids).unsqueeze(0).to(self.device)
         past, generated = None, []
+        # is_cancelled() is a blocking round trip to tritonserver, dearer than a token: ask now and then.
+        cancel_check = Every(CANCEL_CHECK_S)
         for _ in range(budget):
-            if request.is_cancelled():
+            if not self._take_turn(request, background, cancel_check):
                 return "length"
             out = self.model(input_ids=x, past_key_values=past, use_cache=True)
             past = out.past_key_values
@@ -103,11 +185,21 @@ class TritonPythonModel:
             if token == self.eos_id:
                 return "eos"
             generated.append(token)
-            sender.send(_response([token]))
+            emit(token)
             if stops and self._hit_stop(generated, stops):
                 return "stop"
             x = torch.tensor([[token]], device=self.device)
         return "length"
+
+    def _take_turn(self, request, background, cancel_check):
+        """Wait until this request may compute its next token; False when it was cancelled."""
+        give_up = time.monotonic() + YIELD_MAX_S
+        while True:
+            if cancel_check.due() and request.is_cancelled():
+                return False
+            if not background or time.monotonic() >= give_up or not self.foreground.busy():
+                return True
+            time.sleep(YIELD_POLL_S)
 
     @staticmethod
     def _sample(logits, temperature, top_p, generator):

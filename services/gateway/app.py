@@ -194,9 +194,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.pending.open(outcome.request_id)
         WAITING.inc()
         try:
-            await self._publish(task, metadata.get("traceparent"), self.reply_topic)
+            trace = status.traceparent(metadata.get("traceparent"))  # one trace for the request and its mirror
+            await self._publish(task, trace, self.reply_topic)
             if traffic.shadow is not None:
-                await self._mirror(task, traffic.shadow.version, metadata.get("traceparent"))
+                await self._mirror(task, traffic.shadow.version, trace)
             deadline = asyncio.get_running_loop().time() + timeout
             async for chunk in self.pending.chunks(outcome.request_id, deadline):
                 if chunk.HasField("error"):
@@ -234,13 +235,13 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             sticky = metadata.get("x-api-key") or hashlib.sha256(request.prompt.encode()).hexdigest()
         return plan(request.model, routing, sticky, request_id)
 
-    async def _publish(self, task: events_pb2.GenerateTask, traceparent: str | None, reply_to: str, *, wait: bool = True) -> None:
-        extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: status.traceparent(traceparent)}
+    async def _publish(self, task: events_pb2.GenerateTask, traceparent: str, reply_to: str, *, wait: bool = True) -> None:
+        extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent}
         headers = kafka.headers_for(task, task.request_id, **extra)
         value, key = task.SerializeToString(), task.request_id.encode()
         await self.broker.publish(value, topics.GENERATE_REQUESTS, key=key, headers=headers, no_confirm=not wait)
 
-    async def _mirror(self, task: events_pb2.GenerateTask, version: int, traceparent: str | None) -> None:
+    async def _mirror(self, task: events_pb2.GenerateTask, version: int, traceparent: str) -> None:
         """Fire-and-forget copy for a shadow candidate; its whole answer goes to the shadow topic."""
         shadow = events_pb2.GenerateTask()
         shadow.CopyFrom(task)

@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from llmesh import client
 from llmesh.stack.layout import SERVICES
-from llmesh.v1 import eval_pb2, eval_pb2_grpc, infer_pb2, infer_pb2_grpc, tokenize_pb2, tokenize_pb2_grpc
+from llmesh.v1 import eval_pb2, eval_pb2_grpc, gateway_pb2, infer_pb2, infer_pb2_grpc, tokenize_pb2, tokenize_pb2_grpc
 
 pytestmark = pytest.mark.slow
 API = {"gateway": "llmesh.v1.Gateway", "tokenize": "llmesh.v1.Tokenizer", "infer": "llmesh.v1.Infer", "eval": "llmesh.v1.Eval"}
@@ -32,6 +32,7 @@ def test_health_reflection_and_metrics(mesh, service):
 
 
 def test_service_apis_answer(mesh, gateway):
+    gateway.Generate(gateway_pb2.GenerateRequest(model="chat", prompt="Return"), timeout=30)  # eval has one to report
     with grpc.insecure_channel(mesh.address("tokenize")) as channel:
         reply = tokenize_pb2_grpc.TokenizerStub(channel).Tokenize(
             tokenize_pb2.TokenizeRequest(model="chat", text="Return the value"), timeout=10

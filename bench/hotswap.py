@@ -1,27 +1,20 @@
-"""Hot-swap benchmark: steady load on the gateway, a swap release in the middle, and the cost of it.
-
-    python bench/hotswap.py [--home DIR] [--clients 4] [--steady 10] [--after 10] [--out bench/results]
-
-Uses the stack in --home if one runs there, otherwise starts its own (free ports) and stops it after.
-Writes hotswap.json and hotswap.png (latency over time, swap marked) under --out, prints the JSON.
-"""
+"""Hot swap: steady load on the gateway, a swap release in the middle, and the cost of it (failed and
+mixed-version responses, time from the event to the flip, p99 during the swap vs steady state)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from bench.common import pyplot
 from llmesh import client
 from llmesh.loadgen import GatewayLoad, LoadRun, Sample, wait_for_primary
-from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import gateway_pb2_grpc
 
@@ -56,11 +49,7 @@ def summarize(run: LoadRun, published: float, flipped: float, new_version: int) 
 
 
 def plot(run: LoadRun, published: float, flipped: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     t0 = min(s.started for s in run.samples)
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for version, color in ((1, "tab:blue"), (2, "tab:orange")):
@@ -107,30 +96,8 @@ def run_benchmark(
     return result, load.run, published, flipped
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--home", type=Path, default=None)
-    parser.add_argument("--models-dir", type=Path, default=Path(".llmesh/models"))
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--steady", type=float, default=10.0)
-    parser.add_argument("--after", type=float, default=10.0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = parser.parse_args()
-    layout = StackLayout.load(args.home.resolve()) if args.home else None
-    own_home = None
-    if layout is None or not stack.running(layout):
-        own_home = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
-        layout = stack.up(own_home, print, free_ports=True, models_dir=args.models_dir.resolve())
-    try:
-        result, run, published, flipped = run_benchmark(layout, layout.models_dir, args.clients, args.steady, args.after)
-    finally:
-        if own_home:
-            stack.down(own_home, print)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "hotswap.json").write_text(json.dumps(result, indent=2))
-    plot(run, published, flipped, args.out / "hotswap.png")
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
+    steady = 1.0 if quick else 10.0
+    result, load, published, flipped = run_benchmark(layout, layout.models_dir, 2 if quick else 4, steady, steady)
+    plot(load, published, flipped, out / "hotswap.png")
+    return result

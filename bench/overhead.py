@@ -1,99 +1,149 @@
-"""First look at mesh overhead: the same generate request straight to Triton vs through the gateway.
-
-Needs a running stack (`llmesh up`). Prints JSON and writes it to bench/results/overhead.json.
-    python bench/overhead.py [--requests 50] [--max-tokens 16]
-"""
+"""Mesh overhead: the same greedy requests straight to tritonserver (tritonclient gRPC, the baseline)
+and through the gateway, at several concurrencies and lengths; and the bare broker round trip, so
+that the mesh's own cost per Kafka hop can be told apart from the broker's."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import statistics
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from llmesh.stack.layout import StackLayout, default_home
+from bench.broker_rtt import round_trips
+from bench.common import PROMPT, pyplot, summary
+from llmesh.common.settings import KafkaSettings
+from llmesh.stack.layout import StackLayout
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc, tokenize_pb2, tokenize_pb2_grpc
+from services.infer.repository import triton_name
 from services.infer.triton import TritonGenerator
 
-PROMPT = "Return the number of items in the list"
+MODEL, VERSION = "chat", 1
+HOPS = 4  # gateway -> tokenize -> infer -> tokenize -> gateway
 
 
-def _summary(samples_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(samples_ms)
-    return {
-        "p50_ms": round(statistics.median(ordered), 2),
-        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
-        "mean_ms": round(statistics.fmean(ordered), 2),
-    }
+async def closed_loop(call: Callable[[int], Awaitable[None]], concurrency: int, seconds: float) -> tuple[list[float], float]:
+    """`concurrency` workers calling `call` one after another for `seconds`; latencies and duration."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    stop_at = started + seconds
+
+    async def worker(index: int) -> None:
+        n = 0
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            await call(index * 1_000_000 + n)
+            latencies.append((time.perf_counter() - t) * 1000)
+            n += 1
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return latencies, time.perf_counter() - started
 
 
-async def _direct(layout: StackLayout, ids: list[int], sampling: events_pb2.ResolvedSampling, n: int) -> list[float]:
-    triton = TritonGenerator(layout.address("triton_grpc"))
-    out = []
-    for i in range(n):
-        started = time.perf_counter()
-        async for _ in triton.generate("chat-v1", f"bench-{i}", ids, sampling, timeout=60, stream=False):
+class Paths:
+    """The two ways to the same model version, sharing sampling settings."""
+
+    def __init__(self, layout: StackLayout, prompt_ids: list[int], max_tokens: int) -> None:
+        self.triton = TritonGenerator(layout.address("triton_grpc"))
+        self.channel = grpc.aio.insecure_channel(layout.address("gateway"))
+        self.gateway = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.prompt_ids = prompt_ids
+        self.sampling = events_pb2.ResolvedSampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
+        params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
+        self.request = gateway_pb2.GenerateRequest(model=f"{MODEL}@{VERSION}", prompt=PROMPT, sampling=params)
+
+    async def direct(self, n: int) -> None:
+        async for _ in self.triton.generate(
+            triton_name(MODEL, VERSION), f"bench-{n}", self.prompt_ids, self.sampling, 120, stream=False
+        ):
             pass
-        out.append((time.perf_counter() - started) * 1000)
-    await triton.close()
-    return out
+
+    async def mesh(self, n: int) -> None:
+        await self.gateway.Generate(self.request, timeout=120)
+
+    async def close(self) -> None:
+        await self.triton.close()
+        await self.channel.close()
 
 
-def _gateway(layout: StackLayout, sampling: events_pb2.ResolvedSampling, n: int) -> list[float]:
-    params = common_pb2.SamplingParams(
-        max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed
-    )
-    request = gateway_pb2.GenerateRequest(model="chat@1", prompt=PROMPT, sampling=params)
-    out = []
-    with grpc.insecure_channel(layout.address("gateway")) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-        for _ in range(n):
-            started = time.perf_counter()
-            stub.Generate(request, timeout=60)
-            out.append((time.perf_counter() - started) * 1000)
-    return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=50)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    args = parser.parse_args()
-    layout = StackLayout.load(default_home())
-    assert layout, "no stack: run llmesh up"
+def prompt_ids(layout: StackLayout) -> list[int]:
     with grpc.insecure_channel(layout.address("tokenize")) as channel:
-        ids = list(
-            tokenize_pb2_grpc.TokenizerStub(channel)
-            .Tokenize(tokenize_pb2.TokenizeRequest(model="chat", version=1, text=PROMPT))
-            .ids
+        reply = tokenize_pb2_grpc.TokenizerStub(channel).Tokenize(
+            tokenize_pb2.TokenizeRequest(model=MODEL, version=VERSION, text=PROMPT), timeout=10
         )
-    # temperature 0: every request generates exactly the same tokens on both paths
-    sampling = events_pb2.ResolvedSampling(max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=1)
-    warm = max(3, args.requests // 10)
-    asyncio.run(_direct(layout, ids, sampling, warm))
-    _gateway(layout, sampling, warm)
-    direct, mesh = [], []
-    for _ in range(2):  # interleave the two paths so that machine noise hits both
-        direct += asyncio.run(_direct(layout, ids, sampling, args.requests // 2))
-        mesh += _gateway(layout, sampling, args.requests // 2)
-    d, g = _summary(direct), _summary(mesh)
-    result = {
-        "requests_each": len(direct),
-        "max_tokens": args.max_tokens,
-        "direct_triton": d,
+    return list(reply.ids)
+
+
+async def _cell(paths: Paths, concurrency: int, seconds: float) -> dict[str, Any]:
+    direct: list[float] = []
+    mesh: list[float] = []
+    direct_s = mesh_s = 0.0
+    for _ in range(2):  # interleaved halves, so that machine noise hits both paths
+        lat, dur = await closed_loop(paths.direct, concurrency, seconds / 2)
+        direct, direct_s = direct + lat, direct_s + dur
+        lat, dur = await closed_loop(paths.mesh, concurrency, seconds / 2)
+        mesh, mesh_s = mesh + lat, mesh_s + dur
+    d, g = summary(direct, direct_s), summary(mesh, mesh_s)
+    return {
+        "concurrency": concurrency,
+        "direct": d,
         "gateway": g,
-        "overhead_p50_ms": round(g["p50_ms"] - d["p50_ms"], 2),
-        "overhead_p99_ms": round(g["p99_ms"] - d["p99_ms"], 2),
+        "p50_overhead_ms": round(g["p50_ms"] - d["p50_ms"], 2),
+        "p99_overhead_ms": round(g["p99_ms"] - d["p99_ms"], 2),
+        "throughput_ratio": round(g["per_s"] / d["per_s"], 3),
     }
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
 
 
-if __name__ == "__main__":
-    main()
+async def _grid(layout: StackLayout, tokens: list[int], concurrency: list[int], seconds: float) -> list[dict[str, Any]]:
+    ids = prompt_ids(layout)
+    cells = []
+    for max_tokens in tokens:
+        paths = Paths(layout, ids, max_tokens)
+        try:
+            for _ in range(3):  # warm both paths
+                await paths.direct(0)
+                await paths.mesh(0)
+            for c in concurrency:
+                cells.append({"max_tokens": max_tokens} | await _cell(paths, c, seconds))
+        finally:
+            await paths.close()
+    return cells
+
+
+def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
+    tokens, concurrency, seconds = ([16], [1, 4], 2.0) if quick else ([16, 128], [1, 4, 16, 64], 8.0)
+    kafka = KafkaSettings(bootstrap=layout.address("broker"))
+    rtt = summary(asyncio.run(round_trips(kafka, 50 if quick else 300)))
+    cells = asyncio.run(_grid(layout, tokens, concurrency, seconds))
+    first = cells[0]
+    per_hop = (first["gateway"]["p50_ms"] - first["direct"]["p50_ms"]) / HOPS
+    result = {
+        "broker_round_trip": rtt | {"fetch_max_wait_ms": kafka.fetch_max_wait_ms},
+        "mesh_cost_per_hop_p50_ms": round(per_hop, 2),
+        "mesh_cost_per_hop_beyond_broker_ms": round(per_hop - rtt["p50_ms"], 2),
+        "cells": cells,
+    }
+    plot(cells, out / "overhead.png")
+    return result
+
+
+def plot(cells: list[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    sizes = sorted({c["max_tokens"] for c in cells})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        rows = [c for c in cells if c["max_tokens"] == size]
+        xs = [c["concurrency"] for c in rows]
+        for path_name, style in (("direct", "--"), ("gateway", "-")):
+            for q in ("p50_ms", "p99_ms"):
+                ax.plot(xs, [c[path_name][q] for c in rows], style, marker="o", label=f"{path_name} {q[:3]}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{size} new tokens: direct Triton vs gateway")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

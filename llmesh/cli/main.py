@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmesh import client
+from llmesh.cli import bench as bench_cli
 from llmesh.cli import eval as eval_cli
 from llmesh.common.events import ReleaseMode
 from llmesh.stack import processes, stack
@@ -31,6 +32,7 @@ release_app = typer.Typer(help="Release events.", no_args_is_help=True, pretty_e
 app.add_typer(model_app, name="model")
 app.add_typer(release_app, name="release")
 app.add_typer(eval_cli.app, name="eval")
+app.command("bench")(bench_cli.bench)
 console = Console()
 err_console = Console(stderr=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -12,13 +13,21 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker, KafkaMessage
 from google.protobuf.message import DecodeError, Message
+from prometheus_client import Histogram
 
 from llmesh.common import tansu_compat, topics
 from llmesh.common.events import ReleaseEvent
+from llmesh.common.polling import AdaptivePolling
 from llmesh.common.settings import KafkaSettings
 from llmesh.common.topics import Header
 
 log = logging.getLogger("llmesh.kafka")
+HOP_SECONDS = Histogram(
+    "llmesh_kafka_hop_seconds",
+    "From a message's produce time to its handler starting (broker, polling and the consumer's queue)",
+    ["topic"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+)
 M = TypeVar("M", bound=Message)
 tansu_compat.apply()
 
@@ -39,10 +48,13 @@ def make_broker(settings: KafkaSettings, client_id: str) -> KafkaBroker:
     )
 
 
-def consumer_options(settings: KafkaSettings, group_id: str | None, *, from_start: bool = False) -> dict[str, Any]:
-    """Subscriber arguments; short sessions because the embedded broker delays each join by half of one."""
+def consumer_options(
+    settings: KafkaSettings, group_id: str | None, *, from_start: bool = False, control: bool = False
+) -> dict[str, Any]:
+    """Subscriber arguments; short sessions because the embedded broker delays each join by half of one.
+    `control`: off the request path, so a slow poll (see KafkaSettings)."""
     options: dict[str, Any] = {
-        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "fetch_max_wait_ms": settings.control_fetch_max_wait_ms if control else settings.fetch_max_wait_ms,
         "auto_offset_reset": "earliest" if from_start else "latest",
     }
     if group_id:
@@ -78,11 +90,19 @@ def _configs(spec: topics.TopicSpec) -> dict[str, str]:
 MessageHandler = Callable[[KafkaMessage], Awaitable[None]]
 
 
-def subscribe(broker: KafkaBroker, topic: str, options: dict[str, Any], handler: MessageHandler) -> Any:
-    """Register `handler` for `topic`; it receives the whole message (body, headers, record)."""
+def subscribe(
+    broker: KafkaBroker, topic: str, options: dict[str, Any], handler: MessageHandler, polling: AdaptivePolling | None = None
+) -> Any:
+    """Register `handler` for `topic`; it receives the whole message (body, headers, record).
+    With `polling`, the consumer is on the request path: it polls fast while messages flow."""
+
+    label = topics.metric_label(topic)
 
     async def on_message(_body: Any) -> None:
+        if polling is not None:
+            polling.touch()
         msg: KafkaMessage = broker.context.get_local("message")
+        HOP_SECONDS.labels(label).observe(max(0.0, time.time() - msg.raw_message.timestamp / 1000))  # type: ignore[union-attr]
         try:
             await handler(msg)
         except Exception:
@@ -90,6 +110,8 @@ def subscribe(broker: KafkaBroker, topic: str, options: dict[str, Any], handler:
 
     subscriber = broker.subscriber(topic, **options)
     subscriber(on_message)
+    if polling is not None:
+        polling.track(subscriber)
     return subscriber
 
 

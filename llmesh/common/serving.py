@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from llmesh.common import kafka, logs
+from llmesh.common.polling import AdaptivePolling
 from llmesh.common.settings import ServiceSettings
 
 log = logging.getLogger("llmesh.serving")
@@ -112,10 +113,12 @@ class KafkaService:
         self.broker = kafka.make_broker(settings.kafka, f"llmesh-{self.name}-{settings.replica}")
         self.dead_letters = kafka.DeadLetters(self.broker, self.name)
         self.in_flight = InFlight(settings.max_in_flight)
+        self.polling = AdaptivePolling(settings.kafka)
 
     async def start(self) -> None:
         await kafka.ensure_topics(self.settings.kafka.bootstrap)
         await self.broker.start()
+        self.polling.start()
 
     async def drain(self, timeout: float) -> None:
         for subscriber in self.broker.subscribers:
@@ -123,4 +126,5 @@ class KafkaService:
         await self.in_flight.drain(timeout)
 
     async def stop(self) -> None:
+        await self.polling.stop()
         await self.broker.stop()

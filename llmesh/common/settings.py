@@ -19,6 +19,11 @@ class KafkaSettings(BaseModel):
     bootstrap: str = "127.0.0.1:19092"
     # The embedded broker answers a waiting fetch only when this wait expires: it bounds latency per hop.
     fetch_max_wait_ms: int = Field(default=5, ge=1, le=1000)
+    # Request-path consumers poll this slowly after idle_after_s without requests (llmesh/common/polling.py).
+    idle_fetch_max_wait_ms: int = Field(default=25, ge=1, le=1000)
+    idle_after_s: float = Field(default=2.0, gt=0)
+    # Consumers off the request path (releases, status, eval's inputs) always poll slowly.
+    control_fetch_max_wait_ms: int = Field(default=250, ge=1, le=1000)
     session_timeout_ms: int = Field(default=3000, ge=500)
     heartbeat_interval_ms: int = Field(default=500, ge=100)
     request_timeout_ms: int = 5000

@@ -43,6 +43,11 @@ def reply_topic(gateway_id: str) -> str:
     return f"{REPLIES_PREFIX}{gateway_id}"
 
 
+def metric_label(topic: str) -> str:
+    """A topic as a metric label: every gateway's reply topic counts as one."""
+    return f"{REPLIES_PREFIX}*" if topic.startswith(REPLIES_PREFIX) else topic
+
+
 class Header:
     """Kafka header names (values are UTF-8 bytes)."""
 

@@ -64,9 +64,14 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         self.sensitive = frozenset(w.lower() for w in settings.sensitive_words)
         self._loop: asyncio.Task[None] | None = None
         opts = settings.kafka
-        kafka.subscribe(self.broker, topics.GENERATE_RESULTS, kafka.consumer_options(opts, topics.GROUP_EVAL), self.on_record)
         kafka.subscribe(
-            self.broker, topics.SHADOW_RESULTS, kafka.consumer_options(opts, f"{topics.GROUP_EVAL}-shadow"), self.on_shadow
+            self.broker, topics.GENERATE_RESULTS, kafka.consumer_options(opts, topics.GROUP_EVAL, control=True), self.on_record
+        )
+        kafka.subscribe(
+            self.broker,
+            topics.SHADOW_RESULTS,
+            kafka.consumer_options(opts, f"{topics.GROUP_EVAL}-shadow", control=True),
+            self.on_shadow,
         )
 
     def register(self, server: grpc.aio.Server) -> list[str]:

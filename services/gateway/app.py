@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, status, topics
+from llmesh.common.polling import AdaptivePolling
 from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import run_service
 from llmesh.common.settings import load_settings
@@ -67,9 +68,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.broker = kafka.make_broker(settings.kafka, f"llmesh-gateway-{settings.gateway_id}")
         self.reply_topic = topics.reply_topic(settings.gateway_id)
         self.pending = PendingReplies()
-        kafka.subscribe(
-            self.broker, self.reply_topic, kafka.consumer_options(settings.kafka, None, from_start=True), self.on_reply
-        )
+        self.polling = AdaptivePolling(settings.kafka)
+        options = kafka.consumer_options(settings.kafka, None, from_start=True)
+        kafka.subscribe(self.broker, self.reply_topic, options, self.on_reply, self.polling)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -83,11 +84,13 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     async def start(self) -> None:
         await kafka.ensure_topics(self.settings.kafka.bootstrap, {self.reply_topic: topics.REPLY_PARTITIONS})
         await self.broker.start()
+        self.polling.start()
 
     async def drain(self, timeout: float) -> None:
         """In-flight RPCs were drained by the gRPC server's grace period."""
 
     async def stop(self) -> None:
+        await self.polling.stop()
         await self.broker.stop()
         await self.registry.close()
 
@@ -236,6 +239,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         return plan(request.model, routing, sticky, request_id)
 
     async def _publish(self, task: events_pb2.GenerateTask, traceparent: str, reply_to: str, *, wait: bool = True) -> None:
+        self.polling.touch()  # the reply will come back on the request path
         extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent}
         headers = kafka.headers_for(task, task.request_id, **extra)
         value, key = task.SerializeToString(), task.request_id.encode()

@@ -59,8 +59,12 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         self.releases = ReleaseApplier(settings, self.registry, self.triton, self.repository, self.served, self.publish_status)
         opts = settings.kafka
         # Every replica reads every release from the start (no group); events already applied are skipped.
-        kafka.subscribe(self.broker, topics.RELEASES, kafka.consumer_options(opts, None, from_start=True), self.on_release)
-        kafka.subscribe(self.broker, topics.INFER_REQUESTS, kafka.consumer_options(opts, topics.GROUP_INFER), self.on_request)
+        kafka.subscribe(
+            self.broker, topics.RELEASES, kafka.consumer_options(opts, None, from_start=True, control=True), self.on_release
+        )
+        kafka.subscribe(
+            self.broker, topics.INFER_REQUESTS, kafka.consumer_options(opts, topics.GROUP_INFER), self.on_request, self.polling
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -73,6 +77,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         await self.broker.connect()
         await self.releases.restore()  # what the registry routes to is loaded before requests are consumed
         await self.broker.start()
+        self.polling.start()
 
     async def stop(self) -> None:
         await self.releases.stop()

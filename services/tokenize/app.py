@@ -42,13 +42,21 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
         self.decoders: dict[str, tuple[StreamDecoder, float]] = {}
         opts = settings.kafka
         kafka.subscribe(
-            self.broker, topics.GENERATE_REQUESTS, kafka.consumer_options(opts, topics.GROUP_TOKENIZE), self.on_generate
+            self.broker,
+            topics.GENERATE_REQUESTS,
+            kafka.consumer_options(opts, topics.GROUP_TOKENIZE),
+            self.on_generate,
+            self.polling,
         )
         kafka.subscribe(
-            self.broker, topics.INFER_TOKENS, kafka.consumer_options(opts, f"{topics.GROUP_TOKENIZE}-detok"), self.on_tokens
+            self.broker,
+            topics.INFER_TOKENS,
+            kafka.consumer_options(opts, f"{topics.GROUP_TOKENIZE}-detok"),
+            self.on_tokens,
+            self.polling,
         )
         # Every replica sees every status (no group) so that it loads a new version's tokenizer before the swap.
-        kafka.subscribe(self.broker, topics.MODEL_STATUS, kafka.consumer_options(opts, None), self.on_status)
+        kafka.subscribe(self.broker, topics.MODEL_STATUS, kafka.consumer_options(opts, None, control=True), self.on_status)
 
     # ---- lifecycle -------------------------------------------------------------------------
 

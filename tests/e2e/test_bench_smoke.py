@@ -1,37 +1,40 @@
-"""A short run of the hot-swap benchmark (the full one: python bench/hotswap.py)."""
+"""`llmesh bench all --quick`: every benchmark runs end to end on a stack of its own and writes its
+JSON and plots (the full run: `llmesh bench all`)."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 
 
-def test_hotswap_benchmark_smoke(mesh, tmp_path: Path):
-    spec = importlib.util.spec_from_file_location("hotswap", REPO / "bench" / "hotswap.py")
-    assert spec and spec.loader
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result, run, published, flipped = bench.run_benchmark(mesh, mesh.models_dir, clients=2, steady_s=1.0, after_s=1.0)
-    bench.plot(run, published, flipped, tmp_path / "hotswap.png")
-    assert result["failed_requests"] == 0
-    assert result["mixed_version_responses"] == 0
-    assert result["after_flip_on_new_version"] is True
-    assert (tmp_path / "hotswap.png").stat().st_size > 10_000
-
-
-def test_shadow_cost_benchmark_smoke(mesh, tmp_path: Path):
-    spec = importlib.util.spec_from_file_location("shadow_cost", REPO / "bench" / "shadow_cost.py")
-    assert spec and spec.loader
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result, runs = bench.run_benchmark(mesh, clients=2, seconds=1.5)
-    bench.plot(runs, tmp_path / "shadow_cost.png")
-    assert result["failed_requests"] == 0
-    assert all(phase["requests"] > 0 for phase in result["phases"].values())
-    assert result["p99_ratio_100_vs_0"] > 0
-    assert (tmp_path / "shadow_cost.png").stat().st_size > 5_000
+def test_llmesh_bench_all_quick(models_dir: Path, tmp_path: Path):
+    out = tmp_path / "results"
+    env = {**os.environ, "LLMESH_MODELS_DIR": str(models_dir)}
+    env.pop("LLMESH_RELEASE_HMAC_KEY", None)  # the bench's own stack runs unsigned, like `llmesh up`
+    done = subprocess.run(
+        [sys.executable, "-m", "llmesh.cli.main", "bench", "all", "--quick", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["machine"]["cpus"] >= 1
+    cell = summary["overhead"]["cells"][0]
+    assert cell["direct"]["n"] > 0 and cell["gateway"]["n"] > 0 and cell["throughput_ratio"] > 0
+    assert summary["overhead"]["broker_round_trip"]["n"] == 50
+    assert summary["stream"]["gateway"]["ttft"]["n"] == 5
+    assert summary["resources"]["idle_rss_mb"]["gateway"] > 0
+    assert summary["swap"]["failed_requests"] == 0 and summary["swap"]["mixed_version_responses"] == 0
+    assert summary["shadow"]["clients_1"]["failed_requests"] == 0
+    for plot in ("overhead", "stream", "resources", "hotswap", "shadow_cost_1"):
+        assert (out / f"{plot}.png").stat().st_size > 5_000
+    assert "idle CPU, whole stack" in done.stdout

@@ -1,0 +1,58 @@
+"""CPU and memory of the embedded stack's processes (each started in its own process group)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import psutil
+
+from llmesh.stack.layout import StackLayout
+
+
+def stack_processes(layout: StackLayout) -> dict[str, list[psutil.Process]]:
+    """Every live process of the stack by component; Triton's stubs count as `triton-stubs`."""
+    groups = {int(path.read_text()): path.stem for path in layout.pids.glob("*.pid")}
+    found: dict[str, list[psutil.Process]] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            name = groups.get(os.getpgid(proc.pid))
+        except ProcessLookupError:
+            continue
+        if name is None:
+            continue
+        if "triton_python_backend_stub" in " ".join(proc.info["cmdline"] or []):
+            name = "triton-stubs"
+        found.setdefault(name, []).append(proc)
+    return found
+
+
+def _cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def cpu_percent(layout: StackLayout, seconds: float) -> dict[str, float]:
+    """Percent of one core used by each component over `seconds`, and the stack's total."""
+    procs = stack_processes(layout)
+    before = {name: _cpu_seconds(group) for name, group in procs.items()}
+    time.sleep(seconds)
+    used = {name: round(100 * (_cpu_seconds(group) - before[name]) / seconds, 1) for name, group in procs.items()}
+    return {**dict(sorted(used.items())), "total": round(sum(used.values()), 1)}
+
+
+def rss_mb(layout: StackLayout) -> dict[str, float]:
+    """Resident memory of each component in MB (stubs summed)."""
+    out: dict[str, float] = {}
+    for name, group in stack_processes(layout).items():
+        total = 0
+        for proc in group:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += proc.memory_info().rss
+        out[name] = round(total / 2**20, 1)
+    return dict(sorted(out.items()))

@@ -1,9 +1,15 @@
-"""The bare broker round trip: aiokafka produce -> consume of one small message, sequentially, with
-the mesh's producer and consumer settings. The mesh's own cost per hop is measured against it."""
+"""The bare broker hop: aiokafka produce -> consume of one small message with the mesh's producer
+and consumer settings, the consumer already waiting (as the services' consumers are) and messages
+sent at random gaps. The mesh's own cost per hop is measured against it.
+
+A consumer that is already waiting matters: the embedded broker answers a waiting fetch only when
+its wait expires, while a fetch sent after the data arrived is answered at once; timing a send
+followed by a fresh getone() would measure the second case, which no service sees."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 
@@ -32,12 +38,23 @@ async def round_trips(settings: KafkaSettings, n: int, payload: bytes = b"x" * 2
         while not consumer.assignment():
             await asyncio.sleep(0.01)
         await consumer.seek_to_end()
+        arrived: asyncio.Queue[float] = asyncio.Queue()
+
+        async def consume() -> None:
+            while True:
+                await consumer.getone()
+                arrived.put_nowait(time.perf_counter())
+
+        reader = asyncio.create_task(consume())
         out = []
-        for _ in range(n):
-            started = time.perf_counter()
-            await producer.send_and_wait(topic, payload)
-            await consumer.getone()
-            out.append((time.perf_counter() - started) * 1000)
+        try:
+            for _ in range(n):
+                await asyncio.sleep(random.uniform(0.002, 0.012))
+                started = time.perf_counter()
+                await producer.send_and_wait(topic, payload)
+                out.append((await arrived.get() - started) * 1000)
+        finally:
+            reader.cancel()
         return out
     finally:
         await consumer.stop()

@@ -21,6 +21,7 @@ from llmesh.common.settings import load_settings
 from llmesh.common.status import error_status
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, infer_pb2, infer_pb2_grpc
+from services.infer.chunks import ChunkStream, Send
 from services.infer.releases import ReleaseApplier
 from services.infer.repository import ModelRepository
 from services.infer.served import ServedVersions
@@ -207,31 +208,28 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         await send(events_pb2.TokenChunk(final=True, error=error_status(code, message), stop=task.sampling.stop))
         return code
 
-    async def _stream(self, task: events_pb2.InferTask, triton_model: str, timeout: float, send) -> None:
+    async def _stream(self, task: events_pb2.InferTask, triton_model: str, timeout: float, send: Send) -> None:
         started = time.perf_counter()
-        held: list[int] = []
-        sent_any = first = False
+        chunks = ChunkStream(send, task.sampling.stop)
         prompt, mirrored = list(task.prompt_ids), task.request_id.endswith(topics.SHADOW_SUFFIX)
         steps = self.triton.generate(triton_model, task.request_id, prompt, task.sampling, timeout, task.stream, mirrored)
-        async for step in steps:
-            if task.stream and not first:
-                TTFT.observe(time.perf_counter() - started)
-                first = True
-            GENERATED.labels(task.model, str(task.version)).inc(len(step.token_ids))
-            held.extend(step.token_ids)
-            if not step.finish_reason and not (task.stream and held):
-                continue
-            # The decoder learns the stop strings from the request's first chunk.
-            chunk = events_pb2.TokenChunk(token_ids=held, stop=[] if sent_any else task.sampling.stop)
-            if step.finish_reason:
-                chunk.final = True
-                chunk.finish_reason = common_pb2.FinishReason.Value(f"FINISH_REASON_{step.finish_reason.upper()}")
-                chunk.prompt_tokens = len(task.prompt_ids)
-                chunk.generation_ms = (time.perf_counter() - started) * 1000
-            await send(chunk)
-            if chunk.final:
+        try:
+            async for step in steps:
+                if task.stream and chunks.first:
+                    TTFT.observe(time.perf_counter() - started)
+                GENERATED.labels(task.model, str(task.version)).inc(len(step.token_ids))
+                if not step.finish_reason:
+                    chunks.add(step.token_ids, publish=task.stream)
+                    continue
+                await chunks.finish(
+                    step.token_ids,
+                    finish_reason=common_pb2.FinishReason.Value(f"FINISH_REASON_{step.finish_reason.upper()}"),
+                    prompt_tokens=len(task.prompt_ids),
+                    generation_ms=(time.perf_counter() - started) * 1000,
+                )
                 return
-            held, sent_any = [], True
+        finally:
+            await chunks.close()
         raise GenerationError("Triton closed the stream without a final response")
 
 

@@ -10,31 +10,40 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import hotswap, overhead, resources, shadow_cost, stream
+from bench import hotswap, overhead, resources, scale, shadow_cost, stream
 from bench.common import machine
 from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
 
 BENCHMARKS: dict[str, Callable[[StackLayout, Path, bool], dict[str, Any]]] = {
-    "overhead": overhead.run,
-    "stream": stream.run,
     "resources": resources.run,
+    "stream": stream.run,
+    "overhead": overhead.run,
     "swap": hotswap.run,
     "shadow": shadow_cost.run,
+    "scale": scale.run,
 }
+# These start on a fresh stack: the embedded broker keeps every message in memory and slows as it
+# accumulates them, which would charge them for the load of the benchmarks before.
+FRESH = {"overhead", "shadow", "scale"}
 
 
 def run(names: list[str], out: Path, quick: bool, models_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
-    """Start a stack (free ports, a promotion policy that holds the benchmarks' shadow models), run
-    `names` in order, write `<out>/<name>.json` and `<out>/summary.json`; return the summary."""
+    """Run `names` (in BENCHMARKS order) on stacks of their own (free ports, a promotion policy that
+    holds the benchmarks' shadow models); write `<out>/<name>.json` and `<out>/summary.json`."""
     out.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
     (home / "policy.yaml").write_text(shadow_cost.HOLD_POLICY)
     os.environ["LLMESH_POLICY_FILE"] = str(home / "policy.yaml")
     summary: dict[str, Any] = {"machine": machine(), "quick": quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    layout = stack.up(home, say, free_ports=True, models_dir=models_dir)
+    layout: StackLayout | None = None
     try:
-        for name in names:
+        for name in sorted(names, key=list(BENCHMARKS).index):
+            if layout is not None and name in FRESH:
+                stack.down(home, say)
+                layout = None
+            if layout is None:
+                layout = stack.up(home, say, free_ports=True, models_dir=models_dir)
             say(f"benchmark {name} ...")
             started = time.perf_counter()
             result = BENCHMARKS[name](layout, out, quick)
@@ -42,6 +51,7 @@ def run(names: list[str], out: Path, quick: bool, models_dir: Path, say: Callabl
             (out / f"{name}.json").write_text(json.dumps(result, indent=2))
             summary[name] = result
     finally:
-        stack.down(home, say)
+        if layout is not None:
+            stack.down(home, say)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -99,7 +99,7 @@ def run_benchmark(
 def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for clients, model in zip((1, 4), MODELS, strict=True):
-        figures, runs = run_benchmark(layout, clients, 1.5 if quick else 12.0, model)
+        figures, runs = run_benchmark(layout, clients, 1.5 if quick else 10.0, model)
         plot(runs, out / f"shadow_cost_{clients}.png")
         result[f"clients_{clients}"] = figures
         if quick:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-NAMES = ("overhead", "stream", "resources", "swap", "shadow")
+NAMES = ("resources", "stream", "overhead", "swap", "shadow", "scale")
 
 
 def bench(
@@ -70,6 +70,9 @@ def table(summary: dict[str, Any]) -> Table:
         out.add_row(
             "hot swap: failed / mixed responses", f"{swap['failed_requests']} / {swap['mixed_version_responses']}", "0 / 0"
         )
+    scale = summary.get("scale")
+    if scale:
+        out.add_row("throughput, 2 infer replicas / 1", f"{scale['throughput_ratio_2_vs_1']:.2f}", "")
     shadow = summary.get("shadow")
     if shadow:
         for key, figures in shadow.items():

@@ -64,28 +64,34 @@ def _start_infrastructure(layout: StackLayout, report: Report) -> None:
         [str(binaries.redis_server()), "--port", str(p["redis"]), "--bind", "127.0.0.1", "--save", "", "--dir", str(redis_dir)],
     )
     processes.wait_for_port(p["redis"], 15, "redis", pid)
-    layout.triton_repository.mkdir(parents=True, exist_ok=True)
+    start_triton(layout, "tritonserver", layout.triton_repository, p["triton_grpc"], p["triton_http"], p["triton_metrics"])
+    report(f"broker, redis and tritonserver are up ({layout.home / 'logs'})")
+
+
+def start_triton(layout: StackLayout, name: str, repository: Path, grpc_port: int, http_port: int, metrics_port: int) -> int:
+    """Start a tritonserver (explicit model control) serving `repository`; wait for its gRPC port."""
+    repository.mkdir(parents=True, exist_ok=True)
     backends = binaries.build_triton_backends(layout.triton_backends)
     pid = processes.start(
         layout,
-        "tritonserver",
+        name,
         [
             str(binaries.triton_root() / "bin" / "tritonserver"),
-            f"--model-repository={layout.triton_repository}",
+            f"--model-repository={repository}",
             "--model-control-mode=explicit",
             f"--backend-directory={backends}",
             "--disable-auto-complete-config",
             "--pinned-memory-pool-byte-size=0",
             "--exit-timeout-secs=10",
-            "--grpc-address=127.0.0.1", f"--grpc-port={p['triton_grpc']}",
-            "--http-address=127.0.0.1", f"--http-port={p['triton_http']}",
-            "--metrics-address=127.0.0.1", f"--metrics-port={p['triton_metrics']}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
+            "--http-address=127.0.0.1", f"--http-port={http_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}",
             "--log-verbose=0",
         ],
         env=binaries.triton_env(),
     )  # fmt: skip
-    processes.wait_for_port(p["triton_grpc"], 30, "tritonserver", pid)
-    report(f"broker, redis and tritonserver are up ({layout.home / 'logs'})")
+    processes.wait_for_port(grpc_port, 30, name, pid)
+    return pid
 
 
 def _service_env(layout: StackLayout, name: str) -> dict[str, str]:

@@ -35,6 +35,7 @@ def test_llmesh_bench_all_quick(models_dir: Path, tmp_path: Path):
     assert summary["resources"]["idle_rss_mb"]["gateway"] > 0
     assert summary["swap"]["failed_requests"] == 0 and summary["swap"]["mixed_version_responses"] == 0
     assert summary["shadow"]["clients_1"]["failed_requests"] == 0
-    for plot in ("overhead", "stream", "resources", "hotswap", "shadow_cost_1"):
+    assert summary["scale"]["one_replica"]["n"] > 0 and summary["scale"]["two_replicas"]["n"] > 0
+    for plot in ("overhead", "stream", "resources", "hotswap", "shadow_cost_1", "scale"):
         assert (out / f"{plot}.png").stat().st_size > 5_000
     assert "idle CPU, whole stack" in done.stdout

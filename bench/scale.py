@@ -1,0 +1,96 @@
+"""Scale-out: gateway throughput with one infer replica, then with a second one (its own
+tritonserver) in the same consumer group, at the same closed-loop load."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.common import pyplot, summary
+from bench.overhead import Paths, closed_loop, prompt_ids
+from llmesh import client
+from llmesh.stack import processes, stack
+from llmesh.stack.layout import StackLayout, free_port
+from llmesh.v1 import infer_pb2, infer_pb2_grpc
+
+SECOND = "infer2"
+
+
+def _throughput(layout: StackLayout, concurrency: int, seconds: float) -> dict[str, float]:
+    async def measure() -> dict[str, float]:
+        paths = Paths(layout, prompt_ids(layout), 16)
+        try:
+            await paths.mesh(0)
+            latencies, duration = await closed_loop(paths.mesh, concurrency, seconds)
+        finally:
+            await paths.close()
+        return summary(latencies, duration)
+
+    return asyncio.run(measure())
+
+
+def _start_second_replica(layout: StackLayout) -> str:
+    """A second infer (and tritonserver) in the llmesh-infer group; returns its gRPC address."""
+    ports = {name: free_port() for name in ("grpc", "metrics", "triton_grpc", "triton_http", "triton_metrics")}
+    repository = layout.home / "triton2" / "models"
+    stack.start_triton(layout, "tritonserver2", repository, ports["triton_grpc"], ports["triton_http"], ports["triton_metrics"])
+    env = {
+        "LLMESH_GRPC_PORT": str(ports["grpc"]),
+        "LLMESH_METRICS_PORT": str(ports["metrics"]),
+        "LLMESH_KAFKA__BOOTSTRAP": layout.address("broker"),
+        "LLMESH_REDIS_URL": layout.redis_url,
+        "LLMESH_TRITON_URL": f"127.0.0.1:{ports['triton_grpc']}",
+        "LLMESH_MODEL_REPOSITORY": str(repository),
+        "LLMESH_REPLICA": SECOND,
+    }
+    processes.start(layout, SECOND, [sys.executable, "-m", "services.infer"], env)
+    return f"127.0.0.1:{ports['grpc']}"
+
+
+def _wait_until_serving(address: str, timeout: float = 120) -> None:
+    """SERVING means the replica restored what the registry routes to, then joined the group."""
+    deadline = time.monotonic() + timeout
+    while client.health_status(address, timeout=0.5) != "SERVING":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{SECOND} not SERVING after {timeout:.0f}s")
+        time.sleep(0.2)
+    with grpc.insecure_channel(address) as channel:
+        loaded = infer_pb2_grpc.InferStub(channel).ListLoaded(infer_pb2.ListLoadedRequest(), timeout=10)
+    assert any(v.model == "chat" for v in loaded.versions), f"{SECOND} has not loaded chat"
+    time.sleep(5)  # the group rebalances: partitions move to the new member
+
+
+def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
+    concurrency, seconds = (4, 3.0) if quick else (8, 15.0)
+    one = _throughput(layout, concurrency, seconds)
+    try:
+        _wait_until_serving(_start_second_replica(layout))
+        two = _throughput(layout, concurrency, seconds)
+    finally:
+        processes.stop(layout, SECOND)
+        processes.stop(layout, "tritonserver2")
+    result = {
+        "concurrency": concurrency,
+        "max_tokens": 16,
+        "one_replica": one,
+        "two_replicas": two,
+        "throughput_ratio_2_vs_1": round(two["per_s"] / one["per_s"], 3),
+    }
+    plot(result, out / "scale.png")
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(["1 infer replica", "2 infer replicas"], [result["one_replica"]["per_s"], result["two_replicas"]["per_s"]])
+    ax.set_ylabel("requests per second")
+    ax.set_title(f"Scale-out at concurrency {result['concurrency']} (ratio {result['throughput_ratio_2_vs_1']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -4,7 +4,6 @@ mixed-version responses, time from the event to the flip, p99 during the swap vs
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 import uuid
 from pathlib import Path
@@ -12,16 +11,15 @@ from typing import Any
 
 import grpc
 
-from bench.common import pyplot
+from bench.common import pyplot, summary
 from llmesh import client
 from llmesh.loadgen import GatewayLoad, LoadRun, Sample, wait_for_primary
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import gateway_pb2_grpc
 
 
-def _p99(samples: list[Sample]) -> float:
-    ordered = sorted(s.latency_ms for s in samples)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2) if ordered else 0.0
+def _figure(samples: list[Sample], name: str) -> float:
+    return summary([s.latency_ms for s in samples]).get(name, 0.0)
 
 
 def all_new_after(run: LoadRun, new_version: int) -> float:
@@ -41,10 +39,10 @@ def summarize(run: LoadRun, published: float, flipped: float, new_version: int) 
         "event_to_routed_s": round(flipped - published, 3),
         "event_to_all_traffic_new_s": round(max(all_new_after(run, new_version), published) - published, 3),
         "after_flip_on_new_version": all(new_version in s.versions for s in after),
-        "steady_p50_ms": round(statistics.median(s.latency_ms for s in steady), 2) if steady else 0.0,
-        "steady_p99_ms": _p99(steady),
-        "swap_window_p99_ms": _p99(swap_window),
-        "after_p99_ms": _p99(after),
+        "steady_p50_ms": _figure(steady, "p50_ms"),
+        "steady_p99_ms": _figure(steady, "p99_ms"),
+        "swap_window_p99_ms": _figure(swap_window, "p99_ms"),
+        "after_p99_ms": _figure(after, "p99_ms"),
     }
 
 

@@ -8,14 +8,13 @@ shadow for the whole run.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from bench.common import pyplot
+from bench.common import pyplot, summary
 from llmesh import client
 from llmesh.common.events import ReleaseMode
 from llmesh.loadgen import GatewayLoad, LoadRun, wait_for_primary
@@ -27,13 +26,8 @@ HOLD_POLICY = "models:\n" + "".join(f"  {m}: {{on_pass: hold, on_fail: hold}}\n"
 
 
 def _percentiles(run: LoadRun) -> dict[str, float]:
-    ordered = sorted(s.latency_ms for s in run.samples)
-    return {
-        "requests": len(ordered),
-        "failed": len(run.errors),
-        "p50_ms": round(statistics.median(ordered), 2),
-        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
-    }
+    figures = summary([s.latency_ms for s in run.samples])
+    return {"requests": figures["n"], "failed": len(run.errors), "p50_ms": figures["p50_ms"], "p99_ms": figures["p99_ms"]}
 
 
 def _phase(address: str, model: str, clients: int, seconds: float) -> LoadRun:

@@ -39,11 +39,9 @@ def _start_second_replica(layout: StackLayout) -> str:
     ports = {name: free_port() for name in ("grpc", "metrics", "triton_grpc", "triton_http", "triton_metrics")}
     repository = layout.home / "triton2" / "models"
     stack.start_triton(layout, "tritonserver2", repository, ports["triton_grpc"], ports["triton_http"], ports["triton_metrics"])
-    env = {
+    env = stack.service_env(layout, "infer") | {
         "LLMESH_GRPC_PORT": str(ports["grpc"]),
         "LLMESH_METRICS_PORT": str(ports["metrics"]),
-        "LLMESH_KAFKA__BOOTSTRAP": layout.address("broker"),
-        "LLMESH_REDIS_URL": layout.redis_url,
         "LLMESH_TRITON_URL": f"127.0.0.1:{ports['triton_grpc']}",
         "LLMESH_MODEL_REPOSITORY": str(repository),
         "LLMESH_REPLICA": SECOND,

@@ -94,7 +94,8 @@ def start_triton(layout: StackLayout, name: str, repository: Path, grpc_port: in
     return pid
 
 
-def _service_env(layout: StackLayout, name: str) -> dict[str, str]:
+def service_env(layout: StackLayout, name: str) -> dict[str, str]:
+    """The environment the stack gives service `name` (its ports, the broker, Redis, Triton)."""
     p = layout.ports
     env = {
         "LLMESH_GRPC_PORT": str(p[name]),
@@ -109,7 +110,7 @@ def _service_env(layout: StackLayout, name: str) -> dict[str, str]:
 
 def start_service(layout: StackLayout, name: str) -> int:
     """Start one service of the stack (also used to restart one that was stopped or killed)."""
-    return processes.start(layout, name, [sys.executable, "-m", f"services.{name}"], _service_env(layout, name))
+    return processes.start(layout, name, [sys.executable, "-m", f"services.{name}"], service_env(layout, name))
 
 
 def _start_services(layout: StackLayout, report: Report, timeout: float = 90.0) -> None:

@@ -146,9 +146,10 @@ class TritonPythonModel:
             self.foreground.enter(1)
         try:
             generated = []
-            emit = (lambda token: sender.send(_response([token]))) if stream else generated.append
-            finish = self._generate(request, emit, background)
-            sender.send(_response(generated, finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            emit = (lambda token: sender.send(_response([token]))) if stream else None
+            finish = self._generate(request, generated, emit, background)
+            final = [] if stream else generated  # streamed tokens were sent one by one already
+            sender.send(_response(final, finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as err:  # report to the client instead of killing the stub
             sender.send(
                 pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {err}")),
@@ -159,7 +160,8 @@ class TritonPythonModel:
                 self.foreground.enter(-1)
 
     @torch.inference_mode()
-    def _generate(self, request, emit, background):
+    def _generate(self, request, generated, emit, background):
+        """Append the tokens to `generated` (and pass each to `emit` when streaming); return the finish reason."""
         ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy().reshape(-1).astype(np.int64)
         if ids.size == 0:
             raise ValueError("INPUT_IDS is empty")
@@ -173,7 +175,7 @@ class TritonPythonModel:
             return "length"
         generator = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.from_numpy(ids).unsqueeze(0).to(self.device)
-        past, generated = None, []
+        past = None
         # is_cancelled() is a blocking round trip to tritonserver, dearer than a token: ask now and then.
         cancel_check = Every(CANCEL_CHECK_S)
         for _ in range(budget):
@@ -185,7 +187,8 @@ class TritonPythonModel:
             if token == self.eos_id:
                 return "eos"
             generated.append(token)
-            emit(token)
+            if emit is not None:
+                emit(token)
             if stops and self._hit_stop(generated, stops):
                 return "stop"
             x = torch.tensor([[token]], device=self.device)

@@ -21,7 +21,7 @@ from services.infer.repository import triton_name
 from services.infer.triton import TritonGenerator
 
 MODEL, VERSION = "chat", 1
-HOPS = 4  # gateway -> tokenize -> infer -> tokenize -> gateway
+HOPS = 2  # gateway -> infer -> gateway
 
 
 async def closed_loop(call: Callable[[int], Awaitable[None]], concurrency: int, seconds: float) -> tuple[list[float], float]:

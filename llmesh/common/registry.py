@@ -5,7 +5,7 @@ Keys:
   llmesh:model:{name}:routing              hash: primary, previous, candidate, candidate_mode, candidate_share, updated_at
   llmesh:model:{name}:versions             hash: version -> JSON VersionRecord
   llmesh:model:{name}:history              list of JSON history entries (newest last)
-  llmesh:model:{name}:tokenizers:{version} set of tokenize replicas that hold the version's tokenizer
+  llmesh:model:{name}:tokenizers:{version} set of replicas (gateway, tokenize) that hold the version's tokenizer
   llmesh:event:{event_id}                  the release-topic offset where the event was accepted
   llmesh:events:refused                    set of "{event_id}@{offset}" already refused (not refused twice on replay)
 """

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GENERATE_REQUESTS = "llmesh.generate.requests"  # gateway -> tokenize (GenerateTask)
-INFER_REQUESTS = "llmesh.infer.requests"  # tokenize -> infer (InferTask)
-INFER_TOKENS = "llmesh.infer.tokens"  # infer -> tokenize (TokenChunk)
-REPLIES_PREFIX = "llmesh.replies."  # tokenize -> one gateway (TextChunk); + gateway id
+GENERATE_REQUESTS = "llmesh.generate.requests"  # Kafka clients -> tokenize (GenerateTask: text)
+INFER_REQUESTS = "llmesh.infer.requests"  # gateway, tokenize -> infer (InferTask: token ids)
+REPLIES_PREFIX = "llmesh.replies."  # infer -> one gateway (TextChunk); + gateway id
 GENERATE_RESULTS = "llmesh.generate.results"  # gateway -> eval (GenerationRecord)
 RELEASES = "llmesh.releases"  # operators -> infer/tokenize (ReleaseEvent, protobuf or JSON); compacted
 MODEL_STATUS = "llmesh.model.status"  # infer -> anyone (ModelStatusEvent)
 DEAD_LETTER = "llmesh.dlq"  # original payload + reason headers
-SHADOW_RESULTS = "llmesh.shadow.results"  # tokenize -> eval (TextChunk of a shadow candidate)
+SHADOW_RESULTS = "llmesh.shadow.results"  # infer -> eval (TextChunk of a shadow candidate)
 EVAL_DECISIONS = "llmesh.eval.decisions"  # eval -> anyone (PolicyDecision)
 SHADOW_SUFFIX = ".shadow"  # a mirrored request's id is the primary's id plus this
 
@@ -28,7 +27,6 @@ class TopicSpec:
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(GENERATE_REQUESTS, 4),
     TopicSpec(INFER_REQUESTS, 4),
-    TopicSpec(INFER_TOKENS, 4),
     TopicSpec(GENERATE_RESULTS, 2),
     TopicSpec(RELEASES, 1, compacted=True),
     TopicSpec(MODEL_STATUS, 1),

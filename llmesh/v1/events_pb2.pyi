@@ -46,7 +46,8 @@ Global___ReleaseMode: _TypeAlias = ReleaseMode  # noqa: Y015
 
 @_typing.final
 class ResolvedSampling(_message.Message):
-    """---- Data plane: one request flows gateway -> tokenize -> infer -> tokenize -> gateway ----
+    """---- Data plane: a request flows gateway -> infer -> the gateway's reply topic (two Kafka hops).
+    Clients that speak Kafka instead of gRPC publish text (GenerateTask) for tokenize to encode. ----
 
     Sampling parameters after the gateway applied defaults and limits: every field is set.
     """
@@ -83,7 +84,9 @@ Global___ResolvedSampling: _TypeAlias = ResolvedSampling  # noqa: Y015
 
 @_typing.final
 class GenerateTask(_message.Message):
-    """Topic llmesh.generate.requests (gateway -> tokenize), key = request id."""
+    """Topic llmesh.generate.requests (any Kafka client -> tokenize), key = request id; header reply-to
+    names the topic that gets the TextChunks.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -97,7 +100,7 @@ class GenerateTask(_message.Message):
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
-    """pinned by the gateway: the same version tokenizes, generates and decodes"""
+    """pinned: the same version tokenizes, generates and decodes"""
     prompt: _builtins.str
     stream: _builtins.bool
     deadline_unix_ms: _builtins.int
@@ -124,7 +127,7 @@ Global___GenerateTask: _TypeAlias = GenerateTask  # noqa: Y015
 
 @_typing.final
 class InferTask(_message.Message):
-    """Topic llmesh.infer.requests (tokenize -> infer), key = request id."""
+    """Topic llmesh.infer.requests (gateway or tokenize -> infer), key = request id."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -164,69 +167,11 @@ class InferTask(_message.Message):
 Global___InferTask: _TypeAlias = InferTask  # noqa: Y015
 
 @_typing.final
-class TokenChunk(_message.Message):
-    """Topic llmesh.infer.tokens (infer -> tokenize), key = request id; chunks of one request in order."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
-    MODEL_FIELD_NUMBER: _builtins.int
-    VERSION_FIELD_NUMBER: _builtins.int
-    SEQ_FIELD_NUMBER: _builtins.int
-    TOKEN_IDS_FIELD_NUMBER: _builtins.int
-    FINAL_FIELD_NUMBER: _builtins.int
-    FINISH_REASON_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_NUMBER: _builtins.int
-    STOP_FIELD_NUMBER: _builtins.int
-    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
-    GENERATION_MS_FIELD_NUMBER: _builtins.int
-    request_id: _builtins.str
-    model: _builtins.str
-    version: _builtins.int
-    seq: _builtins.int
-    """0, 1, 2, ... per request"""
-    final: _builtins.bool
-    finish_reason: _common_pb2.FinishReason.ValueType
-    """on the final chunk"""
-    prompt_tokens: _builtins.int
-    generation_ms: _builtins.float
-    """on the final chunk: time spent in Triton"""
-    @_builtins.property
-    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def error(self) -> _common_pb2.ErrorStatus:
-        """set when generation failed (final)"""
-
-    @_builtins.property
-    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """on seq 0: stop strings the decoder must honour"""
-
-    def __init__(
-        self,
-        *,
-        request_id: _builtins.str = ...,
-        model: _builtins.str = ...,
-        version: _builtins.int = ...,
-        seq: _builtins.int = ...,
-        token_ids: _abc.Iterable[_builtins.int] | None = ...,
-        final: _builtins.bool = ...,
-        finish_reason: _common_pb2.FinishReason.ValueType = ...,
-        error: _common_pb2.ErrorStatus | None = ...,
-        stop: _abc.Iterable[_builtins.str] | None = ...,
-        prompt_tokens: _builtins.int = ...,
-        generation_ms: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "final", b"final", "finish_reason", b"finish_reason", "generation_ms", b"generation_ms", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "seq", b"seq", "stop", b"stop", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___TokenChunk: _TypeAlias = TokenChunk  # noqa: Y015
-
-@_typing.final
 class TextChunk(_message.Message):
-    """Reply topic of one gateway (tokenize -> gateway), key = request id."""
+    """The request's reply-to topic (infer -> a gateway's reply topic, llmesh.shadow.results, or the
+    Kafka client's topic), key = request id; chunks of one request in order. Text is decoded
+    incrementally: a chunk never splits a character and never passes a stop string.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1,5 +1,5 @@
-"""The gateway: the mesh's public gRPC API. Puts requests on Kafka and streams back the replies
-addressed to it."""
+"""The gateway: the mesh's public gRPC API. Encodes each prompt with its version's tokenizer, puts
+it on Kafka for infer, and streams back the replies addressed to it."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from llmesh.common.polling import AdaptivePolling
 from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import run_service
 from llmesh.common.settings import load_settings
+from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import AdminService
@@ -68,9 +69,13 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.broker = kafka.make_broker(settings.kafka, f"llmesh-gateway-{settings.gateway_id}")
         self.reply_topic = topics.reply_topic(settings.gateway_id)
         self.pending = PendingReplies()
+        self.catalog = TokenizerCatalog(self.registry)
         self.polling = AdaptivePolling(settings.kafka)
         options = kafka.consumer_options(settings.kafka, None, from_start=True)
         kafka.subscribe(self.broker, self.reply_topic, options, self.on_reply, self.polling)
+        # Every gateway sees every status (no group) so that it loads a new version's tokenizer before the swap.
+        status_options = kafka.consumer_options(settings.kafka, None, control=True)
+        kafka.subscribe(self.broker, topics.MODEL_STATUS, status_options, self.on_status)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -100,6 +105,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         except DecodeError:
             return  # nothing waits on an undecodable reply; it is not worth a dead letter
         self.pending.deliver(chunk)
+
+    async def on_status(self, msg: KafkaMessage) -> None:
+        try:
+            event = events_pb2.ModelStatusEvent.FromString(msg.body)
+        except DecodeError:
+            return  # infer's own events; a foreign one is dead-lettered by tokenize, not twice
+        if event.state == common_pb2.VERSION_STATE_STAGED:
+            await self.catalog.preload(event.model, event.version, f"gateway-{self.settings.gateway_id}")
 
     # ---- catalogue -------------------------------------------------------------------------
 
@@ -180,16 +193,22 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, await self._unknown_model_message(request.model))
         assert traffic is not None
         route = traffic.answer
+        try:
+            prompt_ids = (await self.catalog.get(route.model, route.version)).encode_prompt(request.prompt)
+        except InvalidPrompt as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except UnknownVersion as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         outcome = Outcome(route, request_id, shadowed=traffic.shadow is not None, scenario=metadata.get("x-scenario", ""))
         if api_key := metadata.get("x-api-key"):
             outcome.api_key_id = hashlib.sha256(api_key.encode()).hexdigest()[:16]
         remaining = context.time_remaining()
         timeout = min(remaining, self.settings.request_timeout_s) if remaining else self.settings.request_timeout_s
-        task = events_pb2.GenerateTask(
+        task = events_pb2.InferTask(
             request_id=outcome.request_id,
             model=route.model,
             version=route.version,
-            prompt=request.prompt,
+            prompt_ids=prompt_ids,
             sampling=sampling,
             stream=stream,
             deadline_unix_ms=int((time.time() + timeout) * 1000),
@@ -200,7 +219,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             trace = status.traceparent(metadata.get("traceparent"))  # one trace for the request and its mirror
             await self._publish(task, trace, self.reply_topic)
             if traffic.shadow is not None:
-                await self._mirror(task, traffic.shadow.version, trace)
+                await self._mirror(task, traffic.shadow.version, request.prompt, trace)
             deadline = asyncio.get_running_loop().time() + timeout
             async for chunk in self.pending.chunks(outcome.request_id, deadline):
                 if chunk.HasField("error"):
@@ -238,19 +257,21 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             sticky = metadata.get("x-api-key") or hashlib.sha256(request.prompt.encode()).hexdigest()
         return plan(request.model, routing, sticky, request_id)
 
-    async def _publish(self, task: events_pb2.GenerateTask, traceparent: str, reply_to: str, *, wait: bool = True) -> None:
+    async def _publish(self, task: events_pb2.InferTask, traceparent: str, reply_to: str, *, wait: bool = True) -> None:
         self.polling.touch()  # the reply will come back on the request path
         extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent}
         headers = kafka.headers_for(task, task.request_id, **extra)
         value, key = task.SerializeToString(), task.request_id.encode()
-        await self.broker.publish(value, topics.GENERATE_REQUESTS, key=key, headers=headers, no_confirm=not wait)
+        await self.broker.publish(value, topics.INFER_REQUESTS, key=key, headers=headers, no_confirm=not wait)
 
-    async def _mirror(self, task: events_pb2.GenerateTask, version: int, traceparent: str) -> None:
-        """Fire-and-forget copy for a shadow candidate; its whole answer goes to the shadow topic."""
-        shadow = events_pb2.GenerateTask()
+    async def _mirror(self, task: events_pb2.InferTask, version: int, prompt: str, traceparent: str) -> None:
+        """Fire-and-forget copy for a shadow candidate, encoded with the candidate's own tokenizer;
+        its whole answer goes to the shadow topic."""
+        shadow = events_pb2.InferTask()
         shadow.CopyFrom(task)
         shadow.request_id, shadow.version, shadow.stream = task.request_id + topics.SHADOW_SUFFIX, version, False
         try:
+            shadow.prompt_ids[:] = (await self.catalog.get(task.model, version)).encode_prompt(prompt)
             await self._publish(shadow, traceparent, topics.SHADOW_RESULTS, wait=False)
         except Exception:  # mirroring must never fail the client's request
             log.warning("could not mirror a request to the shadow candidate", exc_info=True)

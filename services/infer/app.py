@@ -1,5 +1,6 @@
-"""The infer service: applies release events to its Triton repository and generates tokens for
-inference requests, publishing them to the token topic."""
+"""The infer service: applies release events to its Triton repository and answers inference
+requests: Triton generates the tokens, infer decodes them and publishes the text to the request's
+reply-to topic."""
 
 from __future__ import annotations
 
@@ -10,18 +11,20 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from faststream.kafka import KafkaMessage
+from faststream.kafka import KafkaBroker, KafkaMessage
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, topics
+from llmesh.common.detokenizer import StreamDecoder
 from llmesh.common.events import InvalidEvent, ReleaseEvent
 from llmesh.common.registry import Registry
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.status import error_status
+from llmesh.common.tokenizers import TokenizerCatalog, UnknownVersion
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, infer_pb2, infer_pb2_grpc
-from services.infer.chunks import ChunkStream, Send
+from services.infer.chunks import ChunkStream
 from services.infer.releases import ReleaseApplier
 from services.infer.repository import ModelRepository
 from services.infer.served import ServedVersions
@@ -55,9 +58,12 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             parameters={"torch_threads": str(settings.torch_threads), "background_niceness": str(settings.mirror_niceness)},
         )
         self.served = ServedVersions()
+        self.catalog = TokenizerCatalog(self.registry)
         self.shadow_slots = asyncio.Semaphore(settings.shadow_concurrency)
         self.shadow_waiting = 0
-        self.releases = ReleaseApplier(settings, self.registry, self.triton, self.repository, self.served, self.publish_status)
+        self.releases = ReleaseApplier(
+            settings, self.registry, self.triton, self.repository, self.served, self.catalog, self.publish_status
+        )
         opts = settings.kafka
         # Every replica reads every release from the start (no group); events already applied are skipped.
         kafka.subscribe(
@@ -145,13 +151,17 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         if not task.request_id or not task.prompt_ids:
             await self.dead_letters.send(msg, "InferTask lacks request_id or prompt_ids")
             return
-        headers = {Header.REPLY_TO: kafka.header(msg, Header.REPLY_TO), Header.TRACEPARENT: kafka.header(msg, Header.TRACEPARENT)}
+        reply_to = kafka.header(msg, Header.REPLY_TO)
+        if not reply_to:
+            await self.dead_letters.send(msg, "InferTask lacks the reply-to header: no one could receive the answer")
+            return
+        reply = Reply(self.broker, task, reply_to, kafka.header(msg, Header.TRACEPARENT))
         if task.request_id.endswith(topics.SHADOW_SUFFIX):
-            await self._mirror(task, headers)
+            await self._mirror(task, reply)
         else:
-            await self.in_flight.spawn(self._generate(task, headers))
+            await self.in_flight.spawn(self._generate(task, reply))
 
-    async def _mirror(self, task: events_pb2.InferTask, headers: dict[str, str]) -> None:
+    async def _mirror(self, task: events_pb2.InferTask, reply: Reply) -> None:
         """Mirrored requests yield to client requests: a few at a time, dropped beyond a backlog
         (eval counts a dropped mirror as a missing pair; no client waits for it)."""
         if self.shadow_waiting >= self.settings.shadow_backlog:
@@ -162,33 +172,20 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         async def run() -> None:
             async with self.shadow_slots:
                 self.shadow_waiting -= 1
-                await self._generate(task, headers)
+                await self._generate(task, reply)
 
         await self.in_flight.spawn(run())
 
-    async def _generate(self, task: events_pb2.InferTask, headers: dict[str, str]) -> None:
-        seq = 0
-
-        async def send(chunk: events_pb2.TokenChunk) -> None:
-            nonlocal seq
-            chunk.request_id, chunk.model, chunk.version, chunk.seq = task.request_id, task.model, task.version, seq
-            seq += 1
-            await self.broker.publish(
-                chunk.SerializeToString(),
-                topics.INFER_TOKENS,
-                key=task.request_id.encode(),
-                headers=kafka.headers_for(chunk, task.request_id, **headers),
-            )
-
+    async def _generate(self, task: events_pb2.InferTask, reply: Reply) -> None:
         code = grpc.StatusCode.OK
         IN_FLIGHT.inc()
         try:
-            code = await self._run(task, send)
+            code = await self._run(task, reply)
         finally:
             IN_FLIGHT.dec()
             REQUESTS.labels(task.model, str(task.version), code.name).inc()
 
-    async def _run(self, task: events_pb2.InferTask, send) -> grpc.StatusCode:
+    async def _run(self, task: events_pb2.InferTask, reply: Reply) -> grpc.StatusCode:
         loaded = self.served.get(task.model, task.version)
         remaining = (task.deadline_unix_ms / 1000 - time.time()) if task.deadline_unix_ms else 300.0
         if loaded is None:
@@ -200,17 +197,20 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before generation started"
         else:
             try:
+                tokenizer = await self.catalog.get(task.model, task.version)
                 with self.served.running(loaded):
-                    await self._stream(task, loaded.triton_model, remaining, send)
+                    chunks = ChunkStream(reply.send, StreamDecoder(tokenizer.tokenizer, list(task.sampling.stop)))
+                    await self._stream(task, loaded.triton_model, remaining, chunks)
                 return grpc.StatusCode.OK
+            except UnknownVersion as err:
+                code, message = grpc.StatusCode.NOT_FOUND, str(err)
             except (TimeoutError, GenerationError) as err:
                 code, message = grpc.StatusCode.INTERNAL, f"generation failed: {err}"
-        await send(events_pb2.TokenChunk(final=True, error=error_status(code, message), stop=task.sampling.stop))
+        await reply.send(events_pb2.TextChunk(final=True, error=error_status(code, message)))
         return code
 
-    async def _stream(self, task: events_pb2.InferTask, triton_model: str, timeout: float, send: Send) -> None:
+    async def _stream(self, task: events_pb2.InferTask, triton_model: str, timeout: float, chunks: ChunkStream) -> None:
         started = time.perf_counter()
-        chunks = ChunkStream(send, task.sampling.stop)
         prompt, mirrored = list(task.prompt_ids), task.request_id.endswith(topics.SHADOW_SUFFIX)
         steps = self.triton.generate(triton_model, task.request_id, prompt, task.sampling, timeout, task.stream, mirrored)
         try:
@@ -231,6 +231,24 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         finally:
             await chunks.close()
         raise GenerationError("Triton closed the stream without a final response")
+
+
+class Reply:
+    """Where one request's TextChunks go: its reply-to topic, keyed by request id, with its trace."""
+
+    def __init__(self, broker: KafkaBroker, task: events_pb2.InferTask, topic: str, traceparent: str) -> None:
+        self.broker, self.task, self.topic = broker, task, topic
+        self.headers = {Header.TRACEPARENT: traceparent}
+
+    async def send(self, chunk: events_pb2.TextChunk) -> None:
+        task = self.task
+        chunk.request_id, chunk.model, chunk.version = task.request_id, task.model, task.version
+        await self.broker.publish(
+            chunk.SerializeToString(),
+            self.topic,
+            key=task.request_id.encode(),
+            headers=kafka.headers_for(chunk, task.request_id, **self.headers),
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

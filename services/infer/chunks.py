@@ -1,25 +1,27 @@
-"""The TokenChunks of one request, as infer publishes them."""
+"""The answer to one request as infer publishes it: TextChunks on the request's reply-to topic."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
-from llmesh.v1 import events_pb2
+from llmesh.common.detokenizer import StreamDecoder
+from llmesh.v1 import common_pb2, events_pb2
 
-Send = Callable[[events_pb2.TokenChunk], Awaitable[None]]
+Send = Callable[[events_pb2.TextChunk], Awaitable[None]]
 
 
 class ChunkStream:
-    """Streamed tokens go out as they come, one publish at a time: tokens that arrive while a chunk
-    is being published leave together in the next one. A model that outpaces the mesh then costs
-    fewer Kafka messages (and less CPU downstream); one that does not waits for nothing."""
+    """Streamed tokens are decoded and go out as they come, one publish at a time: tokens that
+    arrive while a chunk is being published leave together in the next one. A model that outpaces
+    the mesh then costs fewer Kafka messages (and less CPU downstream); one that does not waits for
+    nothing. Tokens that end inside a multi-byte character or a possible stop string wait for the
+    tokens that complete them."""
 
-    def __init__(self, send: Send, stop: Sequence[str]) -> None:
+    def __init__(self, send: Send, decoder: StreamDecoder) -> None:
         self._send = send
-        self._stop = list(stop)  # the decoder learns the stop strings from the request's first chunk
+        self._decoder = decoder
         self._held: list[int] = []
         self._sending: asyncio.Task[None] | None = None
         self.first = True  # no token has come yet
@@ -33,16 +35,25 @@ class ChunkStream:
                 self._sending.result()  # a failed publish fails the request
             self._sending = asyncio.create_task(self._drain())
 
-    async def finish(self, token_ids: Sequence[int], **final: Any) -> None:
-        """The last chunk: every token not sent yet, and the request's outcome (`final` fields)."""
+    async def finish(
+        self, token_ids: Sequence[int], finish_reason: common_pb2.FinishReason.ValueType, prompt_tokens: int, generation_ms: float
+    ) -> None:
+        """The last chunk: the text of every token not sent yet, and the request's outcome."""
         if self._sending is not None:
             await self._sending
-        chunk = self._chunk([*self._held, *token_ids])
+        decoder = self._decoder
+        text = decoder.push([*self._held, *token_ids]) + decoder.finish()
         self._held = []
-        chunk.final = True
-        for name, value in final.items():
-            setattr(chunk, name, value)
-        await self._send(chunk)
+        stopped = decoder.stopped or finish_reason == common_pb2.FINISH_REASON_STOP
+        await self._send(
+            events_pb2.TextChunk(
+                text=text,
+                final=True,
+                finish_reason=common_pb2.FINISH_REASON_STOP if stopped else finish_reason,
+                usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(decoder.ids)),
+                generation_ms=generation_ms,
+            )
+        )
 
     async def close(self) -> None:
         """Wait for a chunk still being published (before an error chunk may follow it)."""
@@ -53,9 +64,5 @@ class ChunkStream:
     async def _drain(self) -> None:
         while self._held:
             ids, self._held = self._held, []
-            await self._send(self._chunk(ids))
-
-    def _chunk(self, token_ids: list[int]) -> events_pb2.TokenChunk:
-        chunk = events_pb2.TokenChunk(token_ids=token_ids, stop=self._stop)
-        self._stop = []
-        return chunk
+            if text := self._decoder.push(ids):
+                await self._send(events_pb2.TextChunk(text=text))

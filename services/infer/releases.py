@@ -13,6 +13,7 @@ from prometheus_client import Histogram
 
 from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
 from llmesh.common.registry import EventClaim, Registry, Routing, VersionRecord
+from llmesh.common.tokenizers import TokenizerCatalog
 from llmesh.v1 import events_pb2
 from services.infer.repository import ModelRepository, verify_artifacts
 from services.infer.served import LoadedVersion, ServedVersions
@@ -36,6 +37,7 @@ class ReleaseApplier:
         triton: TritonGenerator,
         repository: ModelRepository,
         served: ServedVersions,
+        catalog: TokenizerCatalog,
         status: StatusSink,
     ) -> None:
         self.settings = settings
@@ -43,6 +45,7 @@ class ReleaseApplier:
         self.triton = triton
         self.repository = repository
         self.served = served
+        self.catalog = catalog
         self.status = status
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -156,7 +159,8 @@ class ReleaseApplier:
         try:
             files = await asyncio.to_thread(verify_artifacts, source)
             triton_model = await asyncio.to_thread(self.repository.stage, source, files)
-            await self._set(event, record, "STAGED")  # tokenize preloads the tokenizer from here on
+            await self._set(event, record, "STAGED")  # gateways and tokenize preload the tokenizer from here on
+            await self._load_tokenizer(event)
             await self._set(event, record, "LOADING")
             await asyncio.wait_for(self.triton.load(triton_model), self.settings.load_timeout_s)
             LOAD_SECONDS.observe(time.perf_counter() - started)
@@ -180,13 +184,21 @@ class ReleaseApplier:
             await self._set(event, previous, "READY", "previous version: kept warm for rollback")
         self._schedule_retirements(event.model)
 
+    async def _load_tokenizer(self, event: ReleaseEvent) -> None:
+        try:
+            await self.catalog.get(event.model, event.version)
+        except Exception as err:
+            raise InvalidEvent(f"the tokenizer of {event.model} v{event.version} does not load: {err}") from err
+
     async def _wait_for_tokenizers(self, model: str, version: int) -> None:
         deadline = time.monotonic() + self.settings.tokenizer_wait_s
         while time.monotonic() < deadline:
             if await self.registry.tokenizer_replicas(model, version):
                 return
             await asyncio.sleep(0.02)
-        log.warning("no tokenize replica reported the tokenizer; routing anyway", extra={"model": model, "version": version})
+        log.warning(
+            "no gateway or tokenize replica reported the tokenizer; routing anyway", extra={"model": model, "version": version}
+        )
 
     async def _warm_up(self, triton_model: str) -> None:
         sampling = events_pb2.ResolvedSampling(max_tokens=self.settings.warmup_tokens, temperature=0.0, top_p=1.0)

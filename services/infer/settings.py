@@ -22,7 +22,7 @@ class InferSettings(ServiceSettings):
     load_timeout_s: float = 120.0
     warmup_tokens: int = 2
     tokenizer_wait_s: float = Field(
-        default=10.0, ge=0, description="wait this long for tokenize to load a new version's tokenizer"
+        default=10.0, ge=0, description="wait this long for a gateway or tokenize replica to load a new version's tokenizer"
     )
     keep_previous_s: float = Field(
         default=300.0, ge=0, description="the previous version stays loaded this long for instant rollback"

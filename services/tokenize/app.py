@@ -1,11 +1,11 @@
-"""The tokenize service: encodes prompts on the way in, decodes token streams on the way out."""
+"""The tokenize service: the version-exact tokenizers over gRPC (`Tokenize`, `CountTokens`), and the
+Kafka entry for clients that publish text: it encodes their GenerateTasks into InferTasks. (The
+gateway encodes its own requests in process: a Kafka hop costs milliseconds, encoding microseconds.)"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
-import time
 from collections.abc import Sequence
 
 import grpc
@@ -17,18 +17,13 @@ from llmesh.common.registry import Registry
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.status import error_status
+from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion, VersionTokenizer
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, tokenize_pb2, tokenize_pb2_grpc
-from services.tokenize.catalog import TokenizerCatalog, UnknownVersion
-from services.tokenize.detokenizer import StreamDecoder
 from services.tokenize.settings import TokenizeSettings
 
 ENCODED = Counter("llmesh_tokenize_prompt_tokens_total", "Prompt tokens encoded", ["model", "version"])
-DECODED = Counter("llmesh_tokenize_completion_tokens_total", "Generated tokens decoded", ["model", "version"])
 REJECTED = Counter("llmesh_tokenize_rejected_total", "Requests refused before inference", ["reason"])
-
-DECODER_TTL_S = 600.0
-log = logging.getLogger("llmesh.tokenize")
 
 
 class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
@@ -39,20 +34,12 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
         self.settings: TokenizeSettings = settings
         self.registry = Registry.from_url(settings.redis_url)
         self.catalog = TokenizerCatalog(self.registry)
-        self.decoders: dict[str, tuple[StreamDecoder, float]] = {}
         opts = settings.kafka
         kafka.subscribe(
             self.broker,
             topics.GENERATE_REQUESTS,
             kafka.consumer_options(opts, topics.GROUP_TOKENIZE),
             self.on_generate,
-            self.polling,
-        )
-        kafka.subscribe(
-            self.broker,
-            topics.INFER_TOKENS,
-            kafka.consumer_options(opts, f"{topics.GROUP_TOKENIZE}-detok"),
-            self.on_tokens,
             self.polling,
         )
         # Every replica sees every status (no group) so that it loads a new version's tokenizer before the swap.
@@ -82,7 +69,9 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
         tokenizer = (await self._tokenizer_for_rpc(request, context)).tokenizer
         return tokenize_pb2.CountTokensResponse(count=len(tokenizer.encode(request.text).ids))
 
-    async def _tokenizer_for_rpc(self, request: tokenize_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
+    async def _tokenizer_for_rpc(
+        self, request: tokenize_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> VersionTokenizer:
         version = request.version or await self.registry.primary(request.model)
         try:
             return await self.catalog.get(request.model, version)
@@ -94,19 +83,10 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
 
     async def on_status(self, msg: KafkaMessage) -> None:
         status = await self.dead_letters.decode(msg, events_pb2.ModelStatusEvent)
-        if status is None:
-            return
-        if status.state == common_pb2.VERSION_STATE_STAGED:
-            try:
-                await self.catalog.get(status.model, status.version)
-            except (UnknownVersion, OSError, ValueError) as err:
-                log.warning(
-                    "could not preload a tokenizer", extra={"model": status.model, "version": status.version, "error": str(err)}
-                )
-                return
-            await self.registry.mark_tokenizer_loaded(status.model, status.version, self.settings.replica)
+        if status is not None and status.state == common_pb2.VERSION_STATE_STAGED:
+            await self.catalog.preload(status.model, status.version, f"tokenize-{self.settings.replica}")
 
-    # ---- Kafka: prompts in -----------------------------------------------------------------
+    # ---- Kafka: text requests from Kafka clients --------------------------------------------
 
     async def on_generate(self, msg: KafkaMessage) -> None:
         task = await self.dead_letters.decode(msg, events_pb2.GenerateTask)
@@ -115,22 +95,20 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
         if not task.request_id or not task.model or not task.version:
             await self.dead_letters.send(msg, "GenerateTask lacks request_id, model or version")
             return
-        await self.in_flight.spawn(self._encode(task, kafka.header(msg, Header.REPLY_TO), msg))
+        reply_to = kafka.header(msg, Header.REPLY_TO)
+        if not reply_to:
+            await self.dead_letters.send(msg, "GenerateTask lacks the reply-to header: no one could receive the answer")
+            return
+        await self.in_flight.spawn(self._encode(task, reply_to, kafka.header(msg, Header.TRACEPARENT)))
 
-    async def _encode(self, task: events_pb2.GenerateTask, reply_to: str, msg: KafkaMessage) -> None:
-        traceparent = kafka.header(msg, Header.TRACEPARENT)
+    async def _encode(self, task: events_pb2.GenerateTask, reply_to: str, traceparent: str) -> None:
         try:
-            version = await self.catalog.get(task.model, task.version)
+            ids = (await self.catalog.get(task.model, task.version)).encode_prompt(task.prompt)
         except UnknownVersion as err:
             await self._reject(task, reply_to, grpc.StatusCode.NOT_FOUND, str(err))
             return
-        ids = version.tokenizer.encode(task.prompt).ids
-        if not ids:
-            await self._reject(task, reply_to, grpc.StatusCode.INVALID_ARGUMENT, "prompt encodes to no tokens")
-            return
-        if len(ids) >= version.context:
-            msg_text = f"prompt is {len(ids)} tokens; model {task.model}@{task.version} takes at most {version.context - 1}"
-            await self._reject(task, reply_to, grpc.StatusCode.INVALID_ARGUMENT, msg_text)
+        except InvalidPrompt as err:
+            await self._reject(task, reply_to, grpc.StatusCode.INVALID_ARGUMENT, str(err))
             return
         ENCODED.labels(task.model, str(task.version)).inc(len(ids))
         infer = events_pb2.InferTask(
@@ -148,74 +126,10 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
     async def _reject(self, task: events_pb2.GenerateTask, reply_to: str, code: grpc.StatusCode, message: str) -> None:
         REJECTED.labels(code.name).inc()
         chunk = events_pb2.TextChunk(
-            request_id=task.request_id,
-            model=task.model,
-            version=task.version,
-            final=True,
-            error=error_status(code, message),
+            request_id=task.request_id, model=task.model, version=task.version, final=True, error=error_status(code, message)
         )
-        await self._reply(chunk, reply_to)
-
-    async def _reply(self, chunk: events_pb2.TextChunk, reply_to: str) -> None:
-        if reply_to:
-            headers = kafka.headers_for(chunk, chunk.request_id)
-            await self.broker.publish(chunk.SerializeToString(), reply_to, key=chunk.request_id.encode(), headers=headers)
-
-    # ---- Kafka: tokens out -----------------------------------------------------------------
-
-    async def on_tokens(self, msg: KafkaMessage) -> None:
-        chunk = await self.dead_letters.decode(msg, events_pb2.TokenChunk)
-        if chunk is None:
-            return
-        if not chunk.request_id:
-            await self.dead_letters.send(msg, "TokenChunk lacks request_id")
-            return
-        # Decoded inline (not spawned) so the chunks of one request keep their order.
-        await self._decode(chunk, kafka.header(msg, Header.REPLY_TO))
-
-    async def _decode(self, chunk: events_pb2.TokenChunk, reply_to: str) -> None:
-        out = events_pb2.TextChunk(request_id=chunk.request_id, model=chunk.model, version=chunk.version, final=chunk.final)
-        if chunk.HasField("error"):
-            self.decoders.pop(chunk.request_id, None)
-            out.error.CopyFrom(chunk.error)
-            await self._reply(out, reply_to)
-            return
-        decoder = await self._decoder(chunk)
-        if decoder is None:
-            out.final = True
-            out.error.CopyFrom(error_status(grpc.StatusCode.NOT_FOUND, "unknown model version"))
-            await self._reply(out, reply_to)
-            return
-        DECODED.labels(chunk.model, str(chunk.version)).inc(len(chunk.token_ids))
-        out.text = decoder.push(list(chunk.token_ids))
-        if chunk.final:
-            out.text += decoder.finish()
-            self.decoders.pop(chunk.request_id, None)
-            stopped = decoder.stopped or chunk.finish_reason == common_pb2.FINISH_REASON_STOP
-            out.finish_reason = common_pb2.FINISH_REASON_STOP if stopped else chunk.finish_reason
-            out.usage.CopyFrom(common_pb2.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=len(decoder.ids)))
-            out.generation_ms = chunk.generation_ms
-        if out.text or out.final:
-            await self._reply(out, reply_to)
-
-    async def _decoder(self, chunk: events_pb2.TokenChunk) -> StreamDecoder | None:
-        now = time.monotonic()
-        if found := self.decoders.get(chunk.request_id):
-            return found[0]
-        try:
-            version = await self.catalog.get(chunk.model, chunk.version)
-        except UnknownVersion:
-            return None
-        decoder = StreamDecoder(version.tokenizer, list(chunk.stop))
-        self._expire_decoders(now)
-        if not chunk.final:
-            self.decoders[chunk.request_id] = (decoder, now)
-        return decoder
-
-    def _expire_decoders(self, now: float) -> None:
-        stale = [rid for rid, (_, born) in self.decoders.items() if now - born > DECODER_TTL_S]
-        for rid in stale:
-            del self.decoders[rid]
+        headers = kafka.headers_for(chunk, chunk.request_id)
+        await self.broker.publish(chunk.SerializeToString(), reply_to, key=chunk.request_id.encode(), headers=headers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

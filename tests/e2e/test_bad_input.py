@@ -12,7 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from llmesh.common import topics
-from llmesh.v1 import common_pb2, gateway_pb2
+from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
 
 pytestmark = pytest.mark.slow
 S = common_pb2.SamplingParams
@@ -90,19 +90,21 @@ async def _dead_letters_for(
 
 def test_malformed_kafka_messages_go_to_the_dead_letter_topic(mesh, gateway):
     protobuf = {"content-type": topics.CONTENT_TYPE_PROTOBUF}
-    cases = {
-        topics.GENERATE_REQUESTS: (b"\xff\xfe not protobuf", protobuf, "undecodable GenerateTask"),
-        topics.INFER_REQUESTS: (b"\xff\xfe not protobuf", protobuf, "undecodable InferTask"),
-        topics.INFER_TOKENS: (b"\xff\xfe not protobuf", protobuf, "undecodable TokenChunk"),
-        topics.RELEASES: (
+    unanswerable = events_pb2.InferTask(request_id="r1", model="chat", version=1, prompt_ids=[1]).SerializeToString()
+    cases = [
+        (topics.GENERATE_REQUESTS, b"\xff\xfe not protobuf", protobuf, "undecodable GenerateTask"),
+        (topics.INFER_REQUESTS, b"\xff\xfe not protobuf", protobuf, "undecodable InferTask"),
+        (topics.INFER_REQUESTS, unanswerable, protobuf, "lacks the reply-to header"),
+        (
+            topics.RELEASES,
             json.dumps({"model": "chat", "version": "x"}).encode(),
             {"content-type": "application/json"},
             "invalid release event",
         ),
-    }
-    sends = [(topic, payload, headers | {"marker": uuid.uuid4().hex}) for topic, (payload, headers, _) in cases.items()]
+    ]
+    sends = [(topic, payload, headers | {"marker": uuid.uuid4().hex}) for topic, payload, headers, _ in cases]
     found = asyncio.run(_dead_letters_for(mesh.address("broker"), sends))
-    for (topic, payload, headers), (_, _, reason) in zip(sends, cases.values(), strict=True):
+    for (topic, payload, headers), (*_, reason) in zip(sends, cases, strict=True):
         letter = found[headers["marker"]]
         assert letter["dlq-original-topic"] == topic
         assert reason in letter["dlq-reason"]

@@ -1,12 +1,14 @@
-"""Through the public gateway: gateway -> Kafka -> tokenize -> infer (Triton) -> tokenize -> gateway."""
+"""Through the public gateway: gateway -> Kafka -> infer (Triton) -> Kafka -> gateway; and text requests
+that Kafka clients publish: -> tokenize -> infer -> their own reply topic."""
 
 from __future__ import annotations
 
 import time
 
+import grpc
 import pytest
 
-from llmesh.v1 import common_pb2, gateway_pb2
+from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +95,9 @@ def test_headers_carry_request_id_and_the_clients_traceparent(mesh, gateway):
         consumer = AIOKafkaConsumer(bootstrap_servers=mesh.address("broker"), fetch_max_wait_ms=20)
         await consumer.start()
         try:
-            parts = [TopicPartition(t, p) for t in (topics.INFER_REQUESTS, topics.INFER_TOKENS) for p in range(4)]
+            replies = [t for t in await consumer.topics() if t.startswith(topics.REPLIES_PREFIX)]
+            parts = [TopicPartition(topics.INFER_REQUESTS, p) for p in range(4)]
+            parts += [TopicPartition(t, p) for t in replies for p in range(topics.REPLY_PARTITIONS)]
             consumer.assign(parts)
             await consumer.seek_to_end(*parts)
             for tp in parts:
@@ -118,3 +122,56 @@ def test_headers_carry_request_id_and_the_clients_traceparent(mesh, gateway):
         assert headers["traceparent"] == trace
         assert headers["content-type"] == "application/x-protobuf"
         assert headers["schema"].startswith("llmesh.v1.")
+
+
+def _kafka_generate(bootstrap: str, tasks: list[events_pb2.GenerateTask]) -> dict[str, list[events_pb2.TextChunk]]:
+    """Publish text requests the way any Kafka client would; collect the chunks on our own reply topic."""
+    import asyncio
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from llmesh.common import kafka, topics
+
+    reply_to = f"test.replies.{uuid.uuid4().hex[:8]}"
+
+    async def run() -> dict[str, list[events_pb2.TextChunk]]:
+        await kafka.ensure_topics(bootstrap, {reply_to: 1})
+        consumer = AIOKafkaConsumer(reply_to, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=20)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        await producer.start()
+        answers: dict[str, list[events_pb2.TextChunk]] = {t.request_id: [] for t in tasks}
+        try:
+            for task in tasks:
+                headers = kafka.headers_for(task, task.request_id, **{topics.Header.REPLY_TO: reply_to})
+                await producer.send_and_wait(
+                    topics.GENERATE_REQUESTS,
+                    task.SerializeToString(),
+                    key=task.request_id.encode(),
+                    headers=[(k, v.encode()) for k, v in headers.items()],
+                )
+            async with asyncio.timeout(60):
+                while not all(chunks and chunks[-1].final for chunks in answers.values()):
+                    for records in (await consumer.getmany(timeout_ms=200)).values():
+                        for r in records:
+                            chunk = events_pb2.TextChunk.FromString(r.value)
+                            answers[chunk.request_id].append(chunk)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+        return answers
+
+    return asyncio.run(run())
+
+
+def test_kafka_clients_publish_text_and_get_the_same_answer_as_grpc(mesh, gateway):
+    grpc_reply = gateway.Generate(_request("Return the number of", max_tokens=12, seed=5, temperature=0.7), timeout=60)
+    sampling = events_pb2.ResolvedSampling(max_tokens=12, temperature=0.7, top_p=1.0, seed=5)
+    ok = events_pb2.GenerateTask(request_id="kafka-1", model="chat", version=1, prompt="Return the number of", sampling=sampling)
+    unknown = events_pb2.GenerateTask(request_id="kafka-2", model="chat", version=99, prompt="x", sampling=sampling)
+    answers = _kafka_generate(mesh.address("broker"), [ok, unknown])
+    assert "".join(c.text for c in answers["kafka-1"]) == grpc_reply.text
+    assert answers["kafka-1"][-1].usage.completion_tokens == grpc_reply.usage.completion_tokens
+    refused = answers["kafka-2"][-1]
+    assert refused.error.code == grpc.StatusCode.NOT_FOUND.value[0] and "version 99" in refused.error.message

@@ -1,7 +1,7 @@
 import pytest
 
+from llmesh.common.detokenizer import StreamDecoder
 from llmesh.lm.build import train_tokenizer
-from services.tokenize.detokenizer import StreamDecoder
 
 TEXT = "Return the number of items — naïve café 🎉 日本語 and so on.\n  Indented line\n"
 

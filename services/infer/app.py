@@ -199,7 +199,11 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             try:
                 tokenizer = await self.catalog.get(task.model, task.version)
                 with self.served.running(loaded):
-                    chunks = ChunkStream(reply.send, StreamDecoder(tokenizer.tokenizer, list(task.sampling.stop)))
+                    chunks = ChunkStream(
+                        reply.send,
+                        StreamDecoder(tokenizer.tokenizer, list(task.sampling.stop)),
+                        self.settings.stream_interval_ms / 1000,
+                    )
                     await self._stream(task, loaded.triton_model, remaining, chunks)
                 return grpc.StatusCode.OK
             except UnknownVersion as err:

@@ -19,11 +19,13 @@ class ChunkStream:
     nothing. Tokens that end inside a multi-byte character or a possible stop string wait for the
     tokens that complete them."""
 
-    def __init__(self, send: Send, decoder: StreamDecoder) -> None:
+    def __init__(self, send: Send, decoder: StreamDecoder, interval_s: float = 0.0) -> None:
         self._send = send
         self._decoder = decoder
+        self._interval_s = interval_s  # after a publish, the next waits at least this long
         self._held: list[int] = []
         self._sending: asyncio.Task[None] | None = None
+        self._pacing = False  # the drain task is only waiting out the interval
         self.first = True  # no token has come yet
 
     def add(self, token_ids: Sequence[int], *, publish: bool) -> None:
@@ -40,7 +42,10 @@ class ChunkStream:
     ) -> None:
         """The last chunk: the text of every token not sent yet, and the request's outcome."""
         if self._sending is not None:
-            await self._sending
+            if self._pacing:
+                self._sending.cancel()  # the final chunk need not wait out the interval
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sending
         decoder = self._decoder
         text = decoder.push([*self._held, *token_ids]) + decoder.finish()
         self._held = []
@@ -66,3 +71,7 @@ class ChunkStream:
             ids, self._held = self._held, []
             if text := self._decoder.push(ids):
                 await self._send(events_pb2.TextChunk(text=text))
+                if self._interval_s:
+                    self._pacing = True
+                    await asyncio.sleep(self._interval_s)
+                    self._pacing = False

@@ -27,6 +27,12 @@ class InferSettings(ServiceSettings):
     keep_previous_s: float = Field(
         default=300.0, ge=0, description="the previous version stays loaded this long for instant rollback"
     )
+    stream_interval_ms: float = Field(
+        default=16.0,
+        ge=0,
+        description="streaming: after publishing a chunk, wait this long before the next; tokens made meanwhile leave "
+        "together (16 ms: one frame at 60 Hz; a model slower than that still streams token by token)",
+    )
     shadow_concurrency: int = Field(default=1, ge=1, description="mirrored requests generated at once")
     shadow_backlog: int = Field(default=8, ge=0, description="mirrored requests waiting beyond this are dropped")
     mirror_niceness: int = Field(

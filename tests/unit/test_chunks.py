@@ -79,3 +79,19 @@ async def test_a_stop_string_ends_the_text_and_reports_stop(tokenizer):
     await _finish(chunks, [])
     assert "".join(c.text for c in kafka.sent) == "alpha beta "
     assert kafka.sent[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+async def test_an_interval_paces_chunks_but_not_the_final_one(tokenizer):
+    ids = tokenizer.encode(TEXT).ids
+    kafka = SlowKafka(0)
+    chunks = ChunkStream(kafka.send, StreamDecoder(tokenizer), interval_s=0.05)
+    began = asyncio.get_running_loop().time()
+    for token in ids:
+        chunks.add([token], publish=True)
+        await asyncio.sleep(0.002)
+    started = asyncio.get_running_loop().time()
+    await _finish(chunks, [])
+    assert asyncio.get_running_loop().time() - started < 0.04, "the final chunk waited out the interval"
+    assert "".join(c.text for c in kafka.sent) == TEXT
+    paced = 1 + int((started - began) / 0.05)  # the first chunk at once, then at most one per 50 ms
+    assert len(kafka.sent) <= paced + 1 < len(ids)

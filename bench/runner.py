@@ -16,8 +16,8 @@ from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
 
 BENCHMARKS: dict[str, Callable[[StackLayout, Path, bool], dict[str, Any]]] = {
+    "stream": stream.run,  # first: time to first token on a broker that no load has filled yet
     "resources": resources.run,
-    "stream": stream.run,
     "overhead": overhead.run,
     "swap": hotswap.run,
     "shadow": shadow_cost.run,

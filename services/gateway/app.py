@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from llmesh.common import kafka, status, topics
 from llmesh.common.polling import AdaptivePolling
 from llmesh.common.registry import Registry, Route
-from llmesh.common.serving import run_service
+from llmesh.common.serving import InFlight, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion
 from llmesh.common.topics import Header
@@ -42,6 +42,7 @@ FIRST_CHUNK = Histogram(
     "llmesh_gateway_first_chunk_seconds", "Time to the first text chunk", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 )
 log = logging.getLogger("llmesh.gateway")
+RECORDS_IN_FLIGHT = 1024
 WAITING = Gauge("llmesh_gateway_waiting_requests", "Requests waiting for replies")
 
 
@@ -69,6 +70,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.broker = kafka.make_broker(settings.kafka, f"llmesh-gateway-{settings.gateway_id}")
         self.reply_topic = topics.reply_topic(settings.gateway_id)
         self.pending = PendingReplies()
+        self.records = InFlight(RECORDS_IN_FLIGHT)  # published after the answer left, off the client's path
         self.catalog = TokenizerCatalog(self.registry)
         self.polling = AdaptivePolling(settings.kafka)
         options = kafka.consumer_options(settings.kafka, None, from_start=True)
@@ -92,7 +94,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.polling.start()
 
     async def drain(self, timeout: float) -> None:
-        """In-flight RPCs were drained by the gRPC server's grace period."""
+        """In-flight RPCs were drained by the gRPC server's grace period; their records go out now."""
+        await self.records.drain(timeout)
 
     async def stop(self) -> None:
         await self.polling.stop()
@@ -243,7 +246,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         finally:
             self.pending.close(outcome.request_id)
             WAITING.dec()
-            await self._record(outcome, stream)
+            await self.records.spawn(self._record(outcome, stream, time.perf_counter() - outcome.started))
 
     async def _plan(self, request: gateway_pb2.GenerateRequest, metadata: dict[str, str], request_id: str) -> TrafficPlan | None:
         if "@" in request.model:  # a pinned version: no canary, no shadow
@@ -280,8 +283,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         known = ", ".join(await self.registry.models()) or "none yet"
         return f"model {alias!r} is not served (known models: {known}; pin a version with name@N)"
 
-    async def _record(self, outcome: Outcome, stream: bool) -> None:
-        elapsed = time.perf_counter() - outcome.started
+    async def _record(self, outcome: Outcome, stream: bool, elapsed: float) -> None:
         route = outcome.route
         REQUESTS.labels(route.model, str(route.version), outcome.code.name, str(stream).lower()).inc()
         LATENCY.labels(str(stream).lower()).observe(elapsed)

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from pydantic import BaseModel, Field
 
+from llmesh import client
 from llmesh.common.scoring import Embedder, rouge_l, words
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -80,7 +81,7 @@ def run(
 
     def one(case: Case) -> CaseResult:
         if not hasattr(local, "stub"):
-            local.stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(address))
+            local.stub = gateway_pb2_grpc.GatewayStub(client.gateway_channel(address))
         sampling = common_pb2.SamplingParams(max_tokens=case.max_tokens, temperature=0.0 if not seed else 0.8, seed=seed)
         request = gateway_pb2.GenerateRequest(model=f"{model}@{version}", prompt=case.prompt, sampling=sampling)
         try:

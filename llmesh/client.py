@@ -4,7 +4,9 @@ gateway, check health."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaProducer
@@ -42,6 +44,35 @@ async def publish_release(bootstrap: str, event: ReleaseEvent) -> None:
         await producer.send_and_wait(topics.RELEASES, value, key=key, headers=[(k, v.encode()) for k, v in headers.items()])
     finally:
         await producer.stop()
+
+
+class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Sends the API key with every call."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def _with_key(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("x-api-key", self.key)]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+
+def gateway_channel(address: str, api_key: str | None = None, tls_ca: Path | None = None) -> grpc.Channel:
+    """A channel to a gateway: TLS when `tls_ca` (the CA that signed the gateway's certificate;
+    default: LLMESH_TLS_CA) is given, and the API key (default: LLMESH_API_KEY) on every call."""
+    tls_ca = tls_ca or (Path(os.environ["LLMESH_TLS_CA"]) if os.environ.get("LLMESH_TLS_CA") else None)
+    if tls_ca is not None:
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes()))
+    else:
+        channel = grpc.insecure_channel(address)
+    key = api_key or os.environ.get("LLMESH_API_KEY")
+    return grpc.intercept_channel(channel, _ApiKey(key)) if key else channel
 
 
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from llmesh import client
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 PROMPTS = ("Return the number of", "This module provides", "Create a new", "The default value is")
@@ -66,7 +67,7 @@ class GatewayLoad:
             thread.join(self.timeout_s + 5)
 
     def _client(self, index: int, stream: bool) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        with client.gateway_channel(self.address) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             n = 0
             while not self._stop.is_set():

@@ -17,6 +17,7 @@ from rich.table import Table
 from llmesh import client
 from llmesh.cli import bench as bench_cli
 from llmesh.cli import eval as eval_cli
+from llmesh.cli import keys as keys_cli
 from llmesh.common.events import ReleaseMode
 from llmesh.stack import processes, stack
 from llmesh.stack.layout import SERVICES, StackLayout
@@ -32,6 +33,7 @@ release_app = typer.Typer(help="Release events.", no_args_is_help=True, pretty_e
 app.add_typer(model_app, name="model")
 app.add_typer(release_app, name="release")
 app.add_typer(eval_cli.app, name="eval")
+app.add_typer(keys_cli.app, name="keys")
 app.command("bench")(bench_cli.bench)
 console = Console()
 err_console = Console(stderr=True)
@@ -95,12 +97,12 @@ def _print_status(layout: StackLayout) -> None:
 
 def _gateway(home: Path, gateway: str | None) -> gateway_pb2_grpc.GatewayStub:
     address = gateway or _layout(home).address("gateway")
-    return gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(address))
+    return gateway_pb2_grpc.GatewayStub(client.gateway_channel(address))
 
 
 def _admin(home: Path, gateway: str | None) -> gateway_pb2_grpc.AdminStub:
     address = gateway or _layout(home).address("gateway")
-    return gateway_pb2_grpc.AdminStub(grpc.insecure_channel(address))
+    return gateway_pb2_grpc.AdminStub(client.gateway_channel(address))
 
 
 @app.command()

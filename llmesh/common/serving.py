@@ -29,6 +29,9 @@ class Service(Protocol):
     def register(self, server: grpc.aio.Server) -> list[str]:
         """Add servicers to `server`; return their full service names (for health and reflection)."""
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Checks every call passes first (the gateway's API keys)."""
+
     async def start(self) -> None: ...
 
     async def drain(self, timeout: float) -> None:
@@ -69,12 +72,14 @@ class InFlight:
 async def run_service(service: Service, settings: ServiceSettings, ready: Callable[[], Awaitable[None]] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then shut down gracefully. Returns the process exit code."""
     logs.configure(service.name, settings.log_level)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=service.interceptors(), options=[("grpc.so_reuseport", 0)])
     names = service.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    credentials = settings.server_credentials()
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,7 +91,11 @@ async def run_service(service: Service, settings: ServiceSettings, ready: Callab
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving",
-        extra={"grpc": f"{settings.grpc_host}:{port}", "metrics": f"{settings.metrics_host}:{metrics_server.server_port}"},
+        extra={
+            "grpc": f"{settings.grpc_host}:{port}",
+            "tls": credentials is not None,
+            "metrics": f"{settings.metrics_host}:{metrics_server.server_port}",
+        },
     )
     if ready:
         await ready()
@@ -114,6 +123,9 @@ class KafkaService:
         self.dead_letters = kafka.DeadLetters(self.broker, self.name)
         self.in_flight = InFlight(settings.max_in_flight)
         self.polling = AdaptivePolling(settings.kafka)
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return []
 
     async def start(self) -> None:
         await kafka.ensure_topics(self.settings.kafka.bootstrap)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, Field, SecretStr
+import grpc
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +47,19 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     drain_seconds: float = Field(default=30.0, ge=0, description="how long SIGTERM waits for in-flight work")
     max_in_flight: int = Field(default=256, ge=1, description="requests handled at once before consumers pause")
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): the gRPC server speaks TLS only")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        return self
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return grpc.ssl_server_credentials([(self.tls_key_file.read_bytes(), self.tls_cert_file.read_bytes())])
 
     def release_key(self) -> bytes | None:
         return self.release_hmac_key.get_secret_value().encode() if self.release_hmac_key else None

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, status, topics
+from llmesh.common.apikeys import ApiKey, ApiKeyStore
 from llmesh.common.polling import AdaptivePolling
 from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import InFlight, run_service
@@ -26,6 +27,7 @@ from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVer
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import AdminService
+from services.gateway.auth import CALLER, KeyCheck, QuotaExceeded, Quotas
 from services.gateway.replies import PendingReplies, ReplyTimeout
 from services.gateway.settings import GatewaySettings
 from services.gateway.traffic import TrafficPlan, plan
@@ -58,6 +60,8 @@ class Outcome:
     texts: list[str] = field(default_factory=list)  # kept only when shadowed: eval compares the answers
     generation_ms: float = 0.0
     api_key_id: str = ""
+    key: ApiKey | None = None  # the caller's key, when keys are required
+    held_tokens: int = 0  # of the key's token budget, until the answer is in
     scenario: str = ""
 
 
@@ -67,6 +71,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.registry = Registry.from_url(settings.redis_url)
+        self.keys = ApiKeyStore(self.registry.redis)
+        self.quotas = Quotas(self.keys)
         self.broker = kafka.make_broker(settings.kafka, f"llmesh-gateway-{settings.gateway_id}")
         self.reply_topic = topics.reply_topic(settings.gateway_id)
         self.pending = PendingReplies()
@@ -87,6 +93,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             AdminService(self.registry, self.broker, self.settings.release_key()), server
         )
         return [gateway_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("Gateway", "Admin")]
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [KeyCheck(self.keys)] if self.settings.api_keys_required else []
 
     async def start(self) -> None:
         await kafka.ensure_topics(self.settings.kafka.bootstrap, {self.reply_topic: topics.REPLY_PARTITIONS})
@@ -203,7 +212,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         except UnknownVersion as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         outcome = Outcome(route, request_id, shadowed=traffic.shadow is not None, scenario=metadata.get("x-scenario", ""))
-        if api_key := metadata.get("x-api-key"):
+        if key := CALLER.get():
+            outcome.key, outcome.api_key_id = key, key.id
+            try:
+                await self.quotas.admit(key, len(prompt_ids) + sampling.max_tokens)
+            except QuotaExceeded as err:
+                outcome.code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                REQUESTS.labels(route.model, str(route.version), outcome.code.name, str(stream).lower()).inc()
+                await context.abort(outcome.code, str(err), trailing_metadata=err.trailers())
+            outcome.held_tokens = len(prompt_ids) + sampling.max_tokens
+        elif api_key := metadata.get("x-api-key"):  # keys not required: the sticky canary key, not checked
             outcome.api_key_id = hashlib.sha256(api_key.encode()).hexdigest()[:16]
         remaining = context.time_remaining()
         timeout = min(remaining, self.settings.request_timeout_s) if remaining else self.settings.request_timeout_s
@@ -284,6 +302,12 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         return f"model {alias!r} is not served (known models: {known}; pin a version with name@N)"
 
     async def _record(self, outcome: Outcome, stream: bool, elapsed: float) -> None:
+        if outcome.key is not None:
+            usage = outcome.usage
+            try:
+                await self.quotas.settle(outcome.key, outcome.held_tokens, usage.prompt_tokens, usage.completion_tokens)
+            except Exception:  # the answer is out; a lost settlement only makes the key's budget stricter
+                log.warning("could not settle the key's token budget", exc_info=True)
         route = outcome.route
         REQUESTS.labels(route.model, str(route.version), outcome.code.name, str(stream).lower()).inc()
         LATENCY.labels(str(stream).lower()).observe(elapsed)

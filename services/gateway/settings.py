@@ -18,4 +18,5 @@ class GatewaySettings(ServiceSettings):
     default_top_p: float = 1.0
     max_stop_strings: int = 4
     max_stop_chars: int = 64
+    api_keys_required: bool = Field(default=False, description="refuse calls without a live API key (llmesh keys)")
     request_timeout_s: float = Field(default=60.0, gt=0, description="used when the client sets no deadline")

@@ -4,32 +4,14 @@ missing after the TTL, and an answer that comes after that is late, not a new pa
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
 
-from llmesh.stack import binaries
-from llmesh.stack.layout import free_port
-from llmesh.stack.processes import wait_for_port
 from services.eval.pairs import LATE, PairJoin, Side
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    port = free_port()
-    workdir: Path = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [str(binaries.redis_server()), "--port", str(port), "--save", "", "--dir", str(workdir)], stdout=subprocess.DEVNULL
-    )
-    wait_for_port(port, 10, "redis", proc.pid)
-    yield port
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture

@@ -1,0 +1,198 @@
+"""A gateway that requires API keys and speaks TLS (a self-signed certificate made here), beside
+the stack's open one: keys made with `llmesh keys`, scopes, revocation, per-key quotas and usage."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmesh import client
+from llmesh.common.apikeys import ApiKeyStore
+from llmesh.stack import processes, stack
+from llmesh.stack.layout import StackLayout, free_port
+from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "gateway.crt", folder / "gateway.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def _health(address: str, ca: Path) -> str:
+    credentials = grpc.ssl_channel_credentials(ca.read_bytes())
+    try:
+        with grpc.secure_channel(address, credentials) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError:
+        return "UNREACHABLE"
+
+
+@pytest.fixture(scope="module")
+def secure(mesh: StackLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The address of a gateway with keys required and TLS on, and the certificate to trust."""
+    cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
+    port = free_port()
+    env = stack.service_env(mesh, "gateway") | {
+        "LLMESH_GRPC_PORT": str(port),
+        "LLMESH_METRICS_PORT": str(free_port()),
+        "LLMESH_GATEWAY_ID": "secure",
+        "LLMESH_API_KEYS_REQUIRED": "true",
+        "LLMESH_TLS_CERT_FILE": str(cert),
+        "LLMESH_TLS_KEY_FILE": str(key),
+    }
+    pid = processes.start(mesh, "gateway-secure", [sys.executable, "-m", "services.gateway"], env)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while _health(address, cert) != "SERVING":  # health is open: probes carry no key
+        assert time.monotonic() < deadline, "the secure gateway did not start"
+        time.sleep(0.2)
+    yield address, cert
+    os.kill(pid, signal.SIGTERM)
+
+
+def _keys(mesh: StackLayout, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "llmesh.cli", "keys", *args, "--redis-url", mesh.redis_url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return out.stdout
+
+
+def _new_key(mesh: StackLayout, *args: str) -> tuple[str, str]:
+    """(key id, secret) of a key made with the CLI."""
+    secret = _keys(mesh, "create", "--name", "e2e", *args).strip().splitlines()[-1]
+    return secret.split("_")[1], secret
+
+
+def _stub(secure: tuple[str, Path], key: str | None) -> gateway_pb2_grpc.GatewayStub:
+    address, cert = secure
+    return gateway_pb2_grpc.GatewayStub(client.gateway_channel(address, api_key=key or "", tls_ca=cert))
+
+
+REQUEST = gateway_pb2.GenerateRequest(
+    model="chat", prompt="Return the number of", sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0.0)
+)
+
+
+def test_calls_without_a_live_key_are_refused(mesh, secure):
+    for key in (None, "lmk_0000_not-a-key"):
+        with pytest.raises(grpc.RpcError) as refused:
+            _stub(secure, key).Generate(REQUEST, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "API key" in refused.value.details()
+    with pytest.raises(grpc.RpcError) as plain:  # TLS only: a plaintext client gets nowhere
+        gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(secure[0])).ListModels(gateway_pb2.ListModelsRequest(), timeout=5)
+    assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_scopes_and_revocation(mesh, secure):
+    key_id, secret = _new_key(mesh, "--scope", "generate")
+    reply = _stub(secure, secret).Generate(REQUEST, timeout=30)
+    assert reply.text and reply.version == 1
+    assert "".join(c.text for c in _stub(secure, secret).GenerateStream(REQUEST, timeout=30)) == reply.text
+    address, cert = secure
+    bearer = grpc.secure_channel(address, grpc.ssl_channel_credentials(cert.read_bytes()))
+    models = gateway_pb2_grpc.GatewayStub(bearer).ListModels(
+        gateway_pb2.ListModelsRequest(), timeout=10, metadata=[("authorization", f"Bearer {secret}")]
+    )
+    assert "chat" in [m.name for m in models.models]
+    admin = gateway_pb2_grpc.AdminStub(client.gateway_channel(address, api_key=secret, tls_ca=cert))
+    with pytest.raises(grpc.RpcError) as denied:
+        admin.Rollback(gateway_pb2.RollbackRequest(model="no-such-model"), timeout=10)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and "admin" in denied.value.details()
+    _, admin_secret = _new_key(mesh, "--scope", "admin")
+    admin = gateway_pb2_grpc.AdminStub(client.gateway_channel(address, api_key=admin_secret, tls_ca=cert))
+    with pytest.raises(grpc.RpcError) as allowed:  # past the key check, refused for the model
+        admin.Rollback(gateway_pb2.RollbackRequest(model="no-such-model"), timeout=10)
+    assert allowed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "revoked" in _keys(mesh, "revoke", key_id)
+    time.sleep(2.5)  # gateways cache a key's check for 2 s
+    with pytest.raises(grpc.RpcError) as revoked:
+        _stub(secure, secret).Generate(REQUEST, timeout=10)
+    assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_rate_limit_answers_resource_exhausted_with_retry_information(mesh, secure):
+    _, secret = _new_key(mesh, "--rps", "0.5")
+    stub = _stub(secure, secret)
+    stub.Generate(REQUEST, timeout=30)
+    with pytest.raises(grpc.RpcError) as limited:
+        stub.Generate(REQUEST, timeout=30)
+    assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "requests per second" in limited.value.details()
+    retry_ms = int(dict(limited.value.trailing_metadata())["retry-after-ms"])
+    assert 0 < retry_ms <= 2000
+    time.sleep(retry_ms / 1000 + 0.1)
+    assert stub.Generate(REQUEST, timeout=30).text
+
+
+def test_token_budget_and_usage_per_key(mesh, secure):
+    key_id, secret = _new_key(mesh, "--tokens-per-minute", "30")
+    stub = _stub(secure, secret)
+    big = gateway_pb2.GenerateRequest()
+    big.CopyFrom(REQUEST)
+    big.sampling.max_tokens = 25
+    reply = stub.Generate(big, timeout=30)  # holds prompt + 25 of the 30 while it runs
+    with pytest.raises(grpc.RpcError) as limited:
+        stub.Generate(big, timeout=30)
+    assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tokens per minute" in limited.value.details()
+
+    async def usage() -> tuple[int, int, int]:
+        store = ApiKeyStore.from_url(mesh.redis_url)
+        try:
+            for _ in range(50):
+                u = await store.usage(key_id)
+                if u.requests:
+                    return u.requests, u.prompt_tokens, u.completion_tokens
+                await asyncio.sleep(0.1)
+            return 0, 0, 0
+        finally:
+            await store.close()
+
+    assert asyncio.run(usage()) == (1, reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    assert f"{reply.usage.prompt_tokens}/{reply.usage.completion_tokens}" in _keys(mesh, "list")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import hotswap, overhead, resources, scale, shadow_cost, stream
+from bench import hotswap, overhead, resources, scale, shadow_cost, soak, stream
 from bench.common import machine
 from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
@@ -22,10 +22,12 @@ BENCHMARKS: dict[str, Callable[[StackLayout, Path, bool], dict[str, Any]]] = {
     "swap": hotswap.run,
     "shadow": shadow_cost.run,
     "scale": scale.run,
+    "soak": soak.run,  # minutes long: by name only, not in `all`
 }
 # These start on a fresh stack: the embedded broker keeps every message in memory and slows as it
 # accumulates them, which would charge them for the load of the benchmarks before.
-FRESH = {"overhead", "shadow", "scale"}
+FRESH = {"overhead", "shadow", "scale", "soak"}
+POLICY = shadow_cost.HOLD_POLICY + f"  {soak.MODEL}: {{on_pass: hold, on_fail: hold}}\n"
 
 
 def run(names: list[str], out: Path, quick: bool, models_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
@@ -33,7 +35,7 @@ def run(names: list[str], out: Path, quick: bool, models_dir: Path, say: Callabl
     holds the benchmarks' shadow models); write `<out>/<name>.json` and `<out>/summary.json`."""
     out.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
-    (home / "policy.yaml").write_text(shadow_cost.HOLD_POLICY)
+    (home / "policy.yaml").write_text(POLICY)
     os.environ["LLMESH_POLICY_FILE"] = str(home / "policy.yaml")
     summary: dict[str, Any] = {"machine": machine(), "quick": quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     layout: StackLayout | None = None

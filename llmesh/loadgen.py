@@ -42,10 +42,14 @@ class LoadRun:
 
 
 class GatewayLoad:
-    """`clients` threads, half unary and half streaming, each sending one request after another."""
+    """`clients` threads, half unary and half streaming, each sending one request after another
+    (closed loop), or one every `interval_s` at most (a fixed rate when the mesh keeps up)."""
 
-    def __init__(self, address: str, model: str, clients: int = 4, max_tokens: int = 8, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, address: str, model: str, clients: int = 4, max_tokens: int = 8, timeout_s: float = 30.0, interval_s: float = 0.0
+    ) -> None:
         self.address = address
+        self.interval_s = interval_s
         self.model = model
         self.clients = clients
         self.max_tokens = max_tokens
@@ -73,8 +77,11 @@ class GatewayLoad:
             while not self._stop.is_set():
                 sampling = common_pb2.SamplingParams(max_tokens=self.max_tokens, seed=index * 100_000 + n)
                 request = gateway_pb2.GenerateRequest(model=self.model, prompt=PROMPTS[n % len(PROMPTS)], sampling=sampling)
-                self.run.add(self._one(stub, request, stream))
+                sample = self._one(stub, request, stream)
+                self.run.add(sample)
                 n += 1
+                if self.interval_s:
+                    self._stop.wait(max(0.0, sample.started + self.interval_s - time.monotonic()))
 
     def _one(self, stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.GenerateRequest, stream: bool) -> Sample:
         started = time.monotonic()

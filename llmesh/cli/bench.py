@@ -11,11 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-NAMES = ("resources", "stream", "overhead", "swap", "shadow", "scale")
+NAMES = ("resources", "stream", "overhead", "swap", "shadow", "scale")  # `all`
+LONG = ("soak",)  # by name only
 
 
 def bench(
-    names: Annotated[list[str], typer.Argument(help=f"{', '.join(NAMES)} or all")],
+    names: Annotated[list[str], typer.Argument(help=f"{', '.join(NAMES + LONG)} or all (all but {', '.join(LONG)})")],
     quick: Annotated[bool, typer.Option(help="a short smoke run (what CI runs)")] = False,
     out: Annotated[Path, typer.Option(help="where JSON and plots go")] = Path("bench/results"),
     models_dir: Annotated[Path, typer.Option(envvar="LLMESH_MODELS_DIR", help="demo models (built if absent)")] = Path(
@@ -24,9 +25,9 @@ def bench(
 ) -> None:
     """Measure the mesh against direct Triton and the bare broker; write JSON and PNG plots."""
     chosen = list(NAMES) if "all" in names else names
-    unknown = sorted(set(chosen) - set(NAMES))
+    unknown = sorted(set(chosen) - set(NAMES + LONG))
     if unknown:
-        raise typer.BadParameter(f"unknown benchmark(s) {unknown}; choose from {', '.join(NAMES)} or all")
+        raise typer.BadParameter(f"unknown benchmark(s) {unknown}; choose from {', '.join(NAMES + LONG)} or all")
     from bench import runner  # the repository's bench/ package: heavy imports only when benchmarking
 
     summary = runner.run(chosen, out.resolve(), quick, models_dir.resolve(), lambda line: console.print(f"[cyan]bench[/] {line}"))
@@ -82,4 +83,15 @@ def table(summary: dict[str, Any]) -> Table:
                     f"x{figures['p50_ratio_100_vs_0']:.2f} / x{figures['p99_ratio_100_vs_0']:.2f}",
                     "noise",
                 )
+    soak = summary.get("soak")
+    if soak:
+        out.add_row(
+            f"soak: failed of {soak['requests']} requests ({soak['releases']} releases)", str(soak["failed_requests"]), "0"
+        )
+        for name, growth in soak["rss_growth_mb"].items():
+            out.add_row(
+                f"soak: RSS growth {name}",
+                f"{growth:+.1f} MB",
+                "flat" if name in ("gateway", "tokenize", "infer", "eval") else "",
+            )
     return out

@@ -29,6 +29,9 @@ class InvalidEvent(ValueError):
     """An event that cannot be applied; the message says why."""
 
 
+MAX_ARTIFACT_FILES = 256
+
+
 class ReleaseEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,16 +51,24 @@ class ReleaseEvent(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_ARTIFACT_FILES:
+            raise ValueError(f"at most {MAX_ARTIFACT_FILES} artifact files, got {len(value)}")
         for name, digest in value.items():
+            if not name or len(name) > 255 or "/" in name or "\\" in name or name in (".", ".."):
+                raise ValueError(f"{name[:80]!r} is not a plain file name")
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"sha256 of {name!r} is not 64 lowercase hex digits")
         return value
 
     def artifact_dir(self) -> Path:
+        """The artifact directory: absolute, no `..` (where it may lie is infer's `artifact_roots`)."""
         parsed = urlparse(self.artifact_uri)
-        if parsed.scheme in ("", "file"):
-            return Path(parsed.path if parsed.scheme else self.artifact_uri)
-        raise InvalidEvent(f"artifact_uri scheme {parsed.scheme!r} is not supported (use a directory or file://)")
+        if parsed.scheme not in ("", "file"):
+            raise InvalidEvent(f"artifact_uri scheme {parsed.scheme!r} is not supported (use a directory or file://)")
+        path = Path(parsed.path if parsed.scheme else self.artifact_uri)
+        if not path.is_absolute() or ".." in path.parts:
+            raise InvalidEvent(f"artifact_uri {self.artifact_uri[:200]!r} must be an absolute path without '..'")
+        return path
 
     def canonical_bytes(self) -> bytes:
         """What the HMAC signature covers: every field but the signature, as sorted JSON."""

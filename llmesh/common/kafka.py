@@ -127,6 +127,12 @@ def headers_for(message: Message, request_id: str = "", **extra: str) -> dict[st
     return out
 
 
+def expired(msg: KafkaMessage) -> bool:
+    """The message's deadline header has passed: its answer would go to no one."""
+    deadline = header(msg, Header.DEADLINE)
+    return deadline.isdigit() and int(deadline) <= time.time() * 1000
+
+
 def header(msg: KafkaMessage, name: str) -> str:
     value = msg.headers.get(name, "")
     return value.decode() if isinstance(value, bytes) else str(value)

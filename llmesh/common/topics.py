@@ -54,6 +54,7 @@ class Header:
     CONTENT_TYPE = "content-type"
     SCHEMA = "schema"  # protobuf full message name, e.g. llmesh.v1.GenerateTask
     REPLY_TO = "reply-to"
+    DEADLINE = "deadline"  # unix time in ms after which no one waits for the answer
     DLQ_REASON = "dlq-reason"
     DLQ_TOPIC = "dlq-original-topic"
     DLQ_PARTITION = "dlq-original-partition"

@@ -234,6 +234,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             stream=stream,
             deadline_unix_ms=int((time.time() + timeout) * 1000),
         )
+        if len(self.pending) >= self.settings.max_waiting:
+            outcome.code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            REQUESTS.labels(route.model, str(route.version), outcome.code.name, str(stream).lower()).inc()
+            await context.abort(outcome.code, f"the gateway is at its limit of {self.settings.max_waiting} requests; retry later")
         self.pending.open(outcome.request_id)
         WAITING.inc()
         try:
@@ -280,7 +284,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     async def _publish(self, task: events_pb2.InferTask, traceparent: str, reply_to: str, *, wait: bool = True) -> None:
         self.polling.touch()  # the reply will come back on the request path
-        extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent}
+        extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent, Header.DEADLINE: str(task.deadline_unix_ms)}
         headers = kafka.headers_for(task, task.request_id, **extra)
         value, key = task.SerializeToString(), task.request_id.encode()
         await self.broker.publish(value, topics.INFER_REQUESTS, key=key, headers=headers, no_confirm=not wait)

@@ -16,6 +16,9 @@ class PendingReplies:
     def __init__(self) -> None:
         self._queues: dict[str, asyncio.Queue[events_pb2.TextChunk]] = {}
 
+    def __len__(self) -> int:
+        return len(self._queues)
+
     def open(self, request_id: str) -> None:
         self._queues[request_id] = asyncio.Queue()
 

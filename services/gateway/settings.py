@@ -19,4 +19,5 @@ class GatewaySettings(ServiceSettings):
     max_stop_strings: int = 4
     max_stop_chars: int = 64
     api_keys_required: bool = Field(default=False, description="refuse calls without a live API key (llmesh keys)")
+    max_waiting: int = Field(default=1024, ge=1, description="requests in flight at once; beyond: RESOURCE_EXHAUSTED")
     request_timeout_s: float = Field(default=60.0, gt=0, description="used when the client sets no deadline")

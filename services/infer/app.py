@@ -33,6 +33,7 @@ from services.infer.triton import GenerationError, TritonGenerator
 
 GENERATED = Counter("llmesh_infer_generated_tokens_total", "Tokens generated", ["model", "version"])
 REQUESTS = Counter("llmesh_infer_requests_total", "Inference requests by outcome", ["model", "version", "code"])
+EXPIRED = Counter("llmesh_infer_expired_total", "Requests whose deadline passed before generation: answered, not computed")
 SHADOW_DROPPED = Counter("llmesh_infer_shadow_dropped_total", "Mirrored requests dropped because the shadow backlog was full")
 IN_FLIGHT = Gauge("llmesh_infer_in_flight", "Inference requests running now")
 TTFT = Histogram(
@@ -155,7 +156,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         if not reply_to:
             await self.dead_letters.send(msg, "InferTask lacks the reply-to header: no one could receive the answer")
             return
-        reply = Reply(self.broker, task, reply_to, kafka.header(msg, Header.TRACEPARENT))
+        reply = Reply(self.broker, task, reply_to, kafka.header(msg, Header.TRACEPARENT), expired=kafka.expired(msg))
         if task.request_id.endswith(topics.SHADOW_SUFFIX):
             await self._mirror(task, reply)
         else:
@@ -188,12 +189,15 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
     async def _run(self, task: events_pb2.InferTask, reply: Reply) -> grpc.StatusCode:
         loaded = self.served.get(task.model, task.version)
         remaining = (task.deadline_unix_ms / 1000 - time.time()) if task.deadline_unix_ms else 300.0
+        if reply.expired:
+            remaining = 0.0
         if loaded is None:
             code, message = (
                 grpc.StatusCode.UNAVAILABLE,
                 f"{task.model}@{task.version} is not loaded on replica {self.settings.replica}",
             )
         elif remaining <= 0:
+            EXPIRED.inc()
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before generation started"
         else:
             try:
@@ -240,8 +244,11 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
 class Reply:
     """Where one request's TextChunks go: its reply-to topic, keyed by request id, with its trace."""
 
-    def __init__(self, broker: KafkaBroker, task: events_pb2.InferTask, topic: str, traceparent: str) -> None:
+    def __init__(
+        self, broker: KafkaBroker, task: events_pb2.InferTask, topic: str, traceparent: str, *, expired: bool = False
+    ) -> None:
         self.broker, self.task, self.topic = broker, task, topic
+        self.expired = expired  # the deadline header had passed when the task arrived
         self.headers = {Header.TRACEPARENT: traceparent}
 
     async def send(self, chunk: events_pb2.TextChunk) -> None:

@@ -157,7 +157,7 @@ class ReleaseApplier:
         source = event.model_copy(update={"artifact_uri": record.artifact_uri, "sha256": record.sha256})
         started = time.perf_counter()
         try:
-            files = await asyncio.to_thread(verify_artifacts, source)
+            files = await asyncio.to_thread(verify_artifacts, source, self.settings.artifact_roots)
             triton_model = await asyncio.to_thread(self.repository.stage, source, files)
             await self._set(event, record, "STAGED")  # gateways and tokenize preload the tokenizer from here on
             await self._load_tokenizer(event)

@@ -8,6 +8,7 @@ warm and unload on its own without touching the others.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from llmesh.common.events import InvalidEvent, ReleaseEvent, file_sha256
@@ -43,9 +44,12 @@ def triton_name(model: str, version: int) -> str:
     return f"{model}-v{version}"
 
 
-def verify_artifacts(event: ReleaseEvent) -> dict[str, Path]:
-    """Check the artifact directory against the event; return the files to stage, by name."""
+def verify_artifacts(event: ReleaseEvent, roots: Sequence[Path] = ()) -> dict[str, Path]:
+    """Check the artifact directory against the event; return the files to stage, by name. With
+    `roots`, the directory (symlinks followed) must lie inside one of them: the model store."""
     source = event.artifact_dir()
+    if roots and not any(source.resolve().is_relative_to(root.resolve()) for root in roots):
+        raise InvalidEvent(f"artifact directory {source} is outside the model store ({', '.join(map(str, roots))})")
     if not source.is_dir():
         raise InvalidEvent(f"artifact directory {source} does not exist")
     files: dict[str, Path] = {}

@@ -19,6 +19,9 @@ class InferSettings(ServiceSettings):
         ge=0,
         description="CPU threads per model instance; 1 avoids OpenMP oversubscription when versions share cores (0: torch decides)",
     )
+    artifact_roots: list[Path] = Field(
+        default_factory=list, description="the model store: release artifacts must lie inside one of these (empty: anywhere)"
+    )
     load_timeout_s: float = 120.0
     warmup_tokens: int = 2
     tokenizer_wait_s: float = Field(

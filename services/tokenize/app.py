@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -99,6 +100,9 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
         if not reply_to:
             await self.dead_letters.send(msg, "GenerateTask lacks the reply-to header: no one could receive the answer")
             return
+        if kafka.expired(msg) or 0 < task.deadline_unix_ms <= time.time() * 1000:
+            await self._reject(task, reply_to, grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before encoding")
+            return
         await self.in_flight.spawn(self._encode(task, reply_to, kafka.header(msg, Header.TRACEPARENT)))
 
     async def _encode(self, task: events_pb2.GenerateTask, reply_to: str, traceparent: str) -> None:
@@ -120,7 +124,8 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
             stream=task.stream,
             deadline_unix_ms=task.deadline_unix_ms,
         )
-        headers = kafka.headers_for(infer, task.request_id, **{Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent})
+        extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent, Header.DEADLINE: str(task.deadline_unix_ms or "")}
+        headers = kafka.headers_for(infer, task.request_id, **extra)
         await self.broker.publish(infer.SerializeToString(), topics.INFER_REQUESTS, key=task.request_id.encode(), headers=headers)
 
     async def _reject(self, task: events_pb2.GenerateTask, reply_to: str, code: grpc.StatusCode, message: str) -> None:

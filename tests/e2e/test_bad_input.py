@@ -52,6 +52,26 @@ def test_bad_request_gets_status_and_message(gateway, model, prompt, sampling, c
     assert message in caught.value.details()
 
 
+def test_a_request_over_the_grpc_size_limit_is_refused_before_any_work(gateway):
+    request = gateway_pb2.GenerateRequest(model="chat", prompt="x" * (5 << 20))
+    with pytest.raises(grpc.RpcError) as refused:
+        gateway.Generate(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert gateway.Generate(gateway_pb2.GenerateRequest(model="chat", prompt="Return"), timeout=30).text is not None
+
+
+def test_a_short_client_deadline_ends_the_call_on_time(gateway):
+    import time
+
+    request = gateway_pb2.GenerateRequest(model="chat", prompt="Return", sampling=S(max_tokens=512, temperature=0.0))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as late:
+        gateway.Generate(request, timeout=0.15)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 1.0
+    assert gateway.Generate(gateway_pb2.GenerateRequest(model="chat", prompt="Return"), timeout=30).text is not None
+
+
 def test_get_unknown_model_is_not_found(gateway):
     with pytest.raises(grpc.RpcError) as caught:
         gateway.GetModel(gateway_pb2.GetModelRequest(name="nope"), timeout=10)

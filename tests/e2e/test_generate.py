@@ -7,7 +7,9 @@ import time
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 
+from llmesh.common import topics
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
 
 pytestmark = pytest.mark.slow
@@ -125,14 +127,15 @@ def test_headers_carry_request_id_and_the_clients_traceparent(mesh, gateway):
         assert headers["schema"].startswith("llmesh.v1.")
 
 
-def _kafka_generate(bootstrap: str, tasks: list[events_pb2.GenerateTask]) -> dict[str, list[events_pb2.TextChunk]]:
-    """Publish text requests the way any Kafka client would; collect the chunks on our own reply topic."""
+def _kafka_requests(bootstrap: str, sends: list[tuple[str, Message, dict[str, str]]]) -> dict[str, list[events_pb2.TextChunk]]:
+    """Publish (topic, task, extra headers) the way any Kafka client would; collect the chunks that
+    come back on our own reply topic, by request id."""
     import asyncio
     import uuid
 
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from llmesh.common import kafka, topics
+    from llmesh.common import kafka
 
     reply_to = f"test.replies.{uuid.uuid4().hex[:8]}"
 
@@ -142,16 +145,13 @@ def _kafka_generate(bootstrap: str, tasks: list[events_pb2.GenerateTask]) -> dic
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
         await consumer.start()
         await producer.start()
-        answers: dict[str, list[events_pb2.TextChunk]] = {t.request_id: [] for t in tasks}
+        answers: dict[str, list[events_pb2.TextChunk]] = {t.request_id: [] for _, t, _ in sends}  # type: ignore[attr-defined]
         try:
-            for task in tasks:
-                headers = kafka.headers_for(task, task.request_id, **{topics.Header.REPLY_TO: reply_to})
-                await producer.send_and_wait(
-                    topics.GENERATE_REQUESTS,
-                    task.SerializeToString(),
-                    key=task.request_id.encode(),
-                    headers=[(k, v.encode()) for k, v in headers.items()],
-                )
+            for topic, task, extra in sends:
+                rid = task.request_id  # type: ignore[attr-defined]
+                headers = kafka.headers_for(task, rid, **{topics.Header.REPLY_TO: reply_to}, **extra)
+                value, key = task.SerializeToString(), rid.encode()
+                await producer.send_and_wait(topic, value, key=key, headers=[(k, v.encode()) for k, v in headers.items()])
             async with asyncio.timeout(60):
                 while not all(chunks and chunks[-1].final for chunks in answers.values()):
                     for records in (await consumer.getmany(timeout_ms=200)).values():
@@ -171,8 +171,34 @@ def test_kafka_clients_publish_text_and_get_the_same_answer_as_grpc(mesh, gatewa
     sampling = events_pb2.ResolvedSampling(max_tokens=12, temperature=0.7, top_p=1.0, seed=5)
     ok = events_pb2.GenerateTask(request_id="kafka-1", model="chat", version=1, prompt="Return the number of", sampling=sampling)
     unknown = events_pb2.GenerateTask(request_id="kafka-2", model="chat", version=99, prompt="x", sampling=sampling)
-    answers = _kafka_generate(mesh.address("broker"), [ok, unknown])
+    answers = _kafka_requests(mesh.address("broker"), [(topics.GENERATE_REQUESTS, t, {}) for t in (ok, unknown)])
     assert "".join(c.text for c in answers["kafka-1"]) == grpc_reply.text
     assert answers["kafka-1"][-1].usage.completion_tokens == grpc_reply.usage.completion_tokens
     refused = answers["kafka-2"][-1]
     assert refused.error.code == grpc.StatusCode.NOT_FOUND.value[0] and "version 99" in refused.error.message
+
+
+def test_work_past_its_deadline_is_answered_not_computed(mesh):
+    import urllib.request
+
+    sampling = events_pb2.ResolvedSampling(max_tokens=8, temperature=0.0, top_p=1.0)
+    past = int(time.time() * 1000) - 1000
+
+    def expired_total() -> float:
+        text = urllib.request.urlopen(f"http://{mesh.address('infer_metrics')}/metrics", timeout=5).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("llmesh_infer_expired_total"))
+
+    before = expired_total()
+    text_task = events_pb2.GenerateTask(request_id="late-1", model="chat", version=1, prompt="Return", sampling=sampling)
+    infer_task = events_pb2.InferTask(request_id="late-2", model="chat", version=1, prompt_ids=[10, 11], sampling=sampling)
+    answers = _kafka_requests(
+        mesh.address("broker"),
+        [
+            (topics.GENERATE_REQUESTS, text_task, {topics.Header.DEADLINE: str(past)}),
+            (topics.INFER_REQUESTS, infer_task, {topics.Header.DEADLINE: str(past)}),
+        ],
+    )
+    for rid in ("late-1", "late-2"):
+        (chunk,) = answers[rid]
+        assert chunk.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and not chunk.text
+    assert expired_total() == before + 1

@@ -70,7 +70,8 @@ def _health(address: str, ca: Path) -> str:
 
 @pytest.fixture(scope="module")
 def secure(mesh: StackLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """The address of a gateway with keys required and TLS on, and the certificate to trust."""
+    """The address of a gateway with keys required, TLS on and room for 2 requests at once, and the
+    certificate to trust."""
     cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
     port = free_port()
     env = stack.service_env(mesh, "gateway") | {
@@ -78,6 +79,7 @@ def secure(mesh: StackLayout, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "LLMESH_METRICS_PORT": str(free_port()),
         "LLMESH_GATEWAY_ID": "secure",
         "LLMESH_API_KEYS_REQUIRED": "true",
+        "LLMESH_MAX_WAITING": "2",
         "LLMESH_TLS_CERT_FILE": str(cert),
         "LLMESH_TLS_KEY_FILE": str(key),
     }
@@ -196,3 +198,25 @@ def test_token_budget_and_usage_per_key(mesh, secure):
 
     assert asyncio.run(usage()) == (1, reply.usage.prompt_tokens, reply.usage.completion_tokens)
     assert f"{reply.usage.prompt_tokens}/{reply.usage.completion_tokens}" in _keys(mesh, "list")
+
+
+def test_beyond_its_bound_the_gateway_answers_resource_exhausted(mesh, secure):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, secret = _new_key(mesh)
+    stub = _stub(secure, secret)
+    long = gateway_pb2.GenerateRequest()
+    long.CopyFrom(REQUEST)
+    long.sampling.max_tokens = 96
+
+    def one(_: int) -> str:
+        try:
+            return "".join(c.text for c in stub.GenerateStream(long, timeout=60)) and "OK"
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2 requests" in err.details()
+            return "RESOURCE_EXHAUSTED"
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(one, range(6)))
+    assert "RESOURCE_EXHAUSTED" in outcomes and "OK" in outcomes
+    assert stub.Generate(REQUEST, timeout=30).text, "the gateway serves again once the load is gone"

@@ -1,23 +1,23 @@
-"""SIGTERM drains: the service finishes what it has in flight, then exits 0."""
+"""SIGTERM drains: each service finishes what it has in flight, then exits 0 (and comes back)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
-import time
 
 import pytest
 
-from llmesh import client
-from llmesh.stack import processes, stack
+from llmesh.stack import processes
 from llmesh.v1 import common_pb2, gateway_pb2
+from tests.e2e.restarts import restart
 
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_of_infer_finishes_the_stream_in_flight_and_exits_0(mesh, gateway):
-    pid = processes.pid_of(mesh, "infer")
+@pytest.mark.parametrize("name", ["infer", "gateway"])
+def test_sigterm_finishes_the_stream_in_flight_and_exits_0(mesh, gateway, name):
+    pid = processes.pid_of(mesh, name)
     assert pid is not None
     request = gateway_pb2.GenerateRequest(
         model="chat@1", prompt="Return the", sampling=common_pb2.SamplingParams(max_tokens=160, temperature=0.0)
@@ -39,9 +39,16 @@ def test_sigterm_of_infer_finishes_the_stream_in_flight_and_exits_0(mesh, gatewa
     assert os.waitstatus_to_exitcode(status) == 0
     assert chunks[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED, "the stream was cut"
     assert chunks[-1].usage.completion_tokens > 1
-    stack.start_service(mesh, "infer")
-    deadline = time.monotonic() + 60
-    while client.health_status(mesh.address("infer")) != "SERVING" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    restart(mesh, name)
     reply = gateway.Generate(request, timeout=60)
     assert reply.text == "".join(c.text for c in chunks), "the drained answer is the whole answer"
+
+
+@pytest.mark.parametrize("name", ["tokenize", "eval"])
+def test_sigterm_of_a_service_exits_0_and_it_comes_back(mesh, name):
+    pid = processes.pid_of(mesh, name)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    restart(mesh, name)

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from bench.common import pyplot, summary
-from bench.process_stats import rss_mb
+from bench.process_stats import rss_mb, stack_processes
 from llmesh import client
 from llmesh.common.events import ReleaseMode
 from llmesh.loadgen import GatewayLoad, LoadRun, wait_for_primary
@@ -65,18 +65,24 @@ def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
         with GatewayLoad(address, MODEL, clients=CLIENTS, max_tokens=16, interval_s=INTERVAL_S) as load:
             version = 2
             events = _cycle(layout, stub, version, period)  # warm-up: eval loads its embedding model on the first pair
-            rss_start, started = rss_mb(layout), time.monotonic()
+            rss_start, stubs_start, started = rss_mb(layout), _stubs(layout), time.monotonic()
             while time.monotonic() - started < seconds - period / 2:
                 version += 1
                 events += _cycle(layout, stub, version, period)
-            rss_end = rss_mb(layout)
+            rss_end, stubs_end = rss_mb(layout), _stubs(layout)
     result = summarize(load.run, rss_start, rss_end) | {
         "releases": len(events),
         "seconds_under_load": round(time.monotonic() - started + period, 1),
         "memory_measured_over_s": round(time.monotonic() - started, 1),
+        "triton_stubs_start_end": [stubs_start, stubs_end],  # one per loaded model instance
     }
     plot(load.run, events, out / "soak.png")
     return result
+
+
+def _stubs(layout: StackLayout) -> list[int]:
+    """RSS in MB of each Triton stub process (one per loaded model instance)."""
+    return [round(p.memory_info().rss / 2**20) for p in stack_processes(layout).get("triton-stubs", [])]
 
 
 def summarize(run: LoadRun, rss_start: dict[str, float], rss_end: dict[str, float]) -> dict[str, Any]:

@@ -95,6 +95,7 @@ class TritonGenerator:
             yield request
 
         responses = self.client.stream_infer(one_request(), stream_timeout=timeout)
+        finished = False
         try:
             async for result, error in responses:
                 if error is not None:
@@ -102,11 +103,13 @@ class TritonGenerator:
                 ids = result.as_numpy("TOKEN_IDS")
                 reason = result.as_numpy("FINISH_REASON")
                 finish = reason.reshape(-1)[0].decode() if reason is not None and reason.size else ""
-                yield Step([int(i) for i in ids.reshape(-1)] if ids is not None else [], finish)
                 final = result.get_response().parameters.get("triton_final_response")
-                if finish or (final is not None and final.bool_param):
+                finished = bool(finish or (final is not None and final.bool_param))
+                yield Step([int(i) for i in ids.reshape(-1)] if ids is not None else [], finish)
+                if finished:
                     return
         except grpc.RpcError as err:
             raise GenerationError(f"Triton stream failed: {err}") from err
         finally:
-            responses.cancel()  # no-op when finished; stops Triton's generation when we stop early
+            if not finished:  # stop Triton's generation when we stop early
+                responses.cancel()

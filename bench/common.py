@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llmesh.loadgen import LoadRun
+
 PROMPT = "Return the number of items in the list"
 
 
@@ -54,6 +56,13 @@ def _lines(path: str) -> list[str]:
         return Path(path).read_text().splitlines()
     except OSError:
         return []
+
+
+def plot_failed(ax: Any, run: LoadRun, t0: float) -> None:
+    """Mark the failed requests of `run` on a latency-over-time plot (red crosses)."""
+    if run.errors:
+        xs, ys = [s.started - t0 for s in run.errors], [s.latency_ms for s in run.errors]
+        ax.scatter(xs, ys, s=20, marker="x", color="red", label="failed")
 
 
 def pyplot() -> Any:

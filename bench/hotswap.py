@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import pyplot, summary
+from bench.common import plot_failed, pyplot, summary
 from llmesh import client
 from llmesh.loadgen import GatewayLoad, LoadRun, Sample, wait_for_primary
 from llmesh.stack.layout import StackLayout
@@ -55,15 +55,7 @@ def plot(run: LoadRun, published: float, flipped: float, path: Path) -> None:
         ax.scatter(
             [s.started - t0 for s in points], [s.latency_ms for s in points], s=6, color=color, label=f"served by v{version}"
         )
-    if run.errors:
-        ax.scatter(
-            [s.started - t0 for s in run.errors],
-            [s.latency_ms for s in run.errors],
-            s=20,
-            color="red",
-            marker="x",
-            label="failed",
-        )
+    plot_failed(ax, run, t0)
     ax.axvline(published - t0, color="gray", linestyle="--", label="release event published")
     ax.axvline(flipped - t0, color="black", label="routed to v2")
     ax.set_xlabel("request start (s)")

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import pyplot, summary
+from bench.common import plot_failed, pyplot, summary
 from bench.process_stats import rss_mb, stack_processes
 from llmesh import client
 from llmesh.common.events import ReleaseMode
@@ -110,15 +110,7 @@ def plot(run: LoadRun, events: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     ok = [s for s in run.samples if not s.error]
     ax.scatter([s.started - t0 for s in ok], [s.latency_ms for s in ok], s=4, label="answered")
-    if run.errors:
-        ax.scatter(
-            [s.started - t0 for s in run.errors],
-            [s.latency_ms for s in run.errors],
-            s=20,
-            marker="x",
-            color="red",
-            label="failed",
-        )
+    plot_failed(ax, run, t0)
     for event in events:
         ax.axvline(event["at"] - t0, color="gray" if "shadow" in event["release"] else "black", linewidth=0.8)
     ax.set_xlabel("request start (s); gray: shadow release, black: swap")

@@ -4,28 +4,18 @@ JSON and plots (the full run: `llmesh bench all`)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.bench_cli import run_bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_llmesh_bench_all_quick(models_dir: Path, tmp_path: Path):
     out = tmp_path / "results"
-    env = {**os.environ, "LLMESH_MODELS_DIR": str(models_dir)}
-    env.pop("LLMESH_RELEASE_HMAC_KEY", None)  # the bench's own stack runs unsigned, like `llmesh up`
-    done = subprocess.run(
-        [sys.executable, "-m", "llmesh.cli.main", "bench", "all", "--quick", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_bench(models_dir, out, "all")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["machine"]["cpus"] >= 1
     cell = summary["overhead"]["cells"][0]

@@ -5,12 +5,11 @@ stub behind (the full soak: 5 minutes)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.bench_cli import run_bench
 
 pytestmark = pytest.mark.slow
 SERVICES = ("gateway", "tokenize", "infer", "eval")
@@ -18,16 +17,7 @@ SERVICES = ("gateway", "tokenize", "infer", "eval")
 
 def test_soak_quick(models_dir: Path, tmp_path: Path):
     out = tmp_path / "results"
-    env = {**os.environ, "LLMESH_MODELS_DIR": str(models_dir)}
-    env.pop("LLMESH_RELEASE_HMAC_KEY", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "llmesh.cli.main", "bench", "soak", "--quick", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bench(models_dir, out, "soak")
     soak = json.loads((out / "soak.json").read_text())
     assert soak["requests"] > 100 and soak["releases"] >= 4
     assert soak["failed_requests"] == 0, soak["errors"]

@@ -212,15 +212,17 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         except UnknownVersion as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         outcome = Outcome(route, request_id, shadowed=traffic.shadow is not None, scenario=metadata.get("x-scenario", ""))
+        if len(self.pending) >= self.settings.max_waiting:  # before the quota: a refused request costs the key nothing
+            limit = f"the gateway is at its limit of {self.settings.max_waiting} requests; retry later"
+            await self._refuse(context, outcome, stream, limit)
         if key := CALLER.get():
             outcome.key, outcome.api_key_id = key, key.id
+            held = len(prompt_ids) + sampling.max_tokens
             try:
-                await self.quotas.admit(key, len(prompt_ids) + sampling.max_tokens)
+                await self.quotas.admit(key, held)
             except QuotaExceeded as err:
-                outcome.code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                REQUESTS.labels(route.model, str(route.version), outcome.code.name, str(stream).lower()).inc()
-                await context.abort(outcome.code, str(err), trailing_metadata=err.trailers())
-            outcome.held_tokens = len(prompt_ids) + sampling.max_tokens
+                await self._refuse(context, outcome, stream, str(err), err.trailers())
+            outcome.held_tokens = held
         elif api_key := metadata.get("x-api-key"):  # keys not required: the sticky canary key, not checked
             outcome.api_key_id = hashlib.sha256(api_key.encode()).hexdigest()[:16]
         remaining = context.time_remaining()
@@ -234,10 +236,6 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             stream=stream,
             deadline_unix_ms=int((time.time() + timeout) * 1000),
         )
-        if len(self.pending) >= self.settings.max_waiting:
-            outcome.code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            REQUESTS.labels(route.model, str(route.version), outcome.code.name, str(stream).lower()).inc()
-            await context.abort(outcome.code, f"the gateway is at its limit of {self.settings.max_waiting} requests; retry later")
         self.pending.open(outcome.request_id)
         WAITING.inc()
         try:
@@ -269,6 +267,15 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             self.pending.close(outcome.request_id)
             WAITING.dec()
             await self.records.spawn(self._record(outcome, stream, time.perf_counter() - outcome.started))
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, outcome: Outcome, stream: bool, message: str, trailers: tuple = ()
+    ) -> None:
+        """Overload or an exhausted quota: RESOURCE_EXHAUSTED, counted, before any work is done."""
+        outcome.code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        route = outcome.route
+        REQUESTS.labels(route.model, str(route.version), outcome.code.name, str(stream).lower()).inc()
+        await context.abort(outcome.code, message, trailing_metadata=trailers)
 
     async def _plan(self, request: gateway_pb2.GenerateRequest, metadata: dict[str, str], request_id: str) -> TrafficPlan | None:
         if "@" in request.model:  # a pinned version: no canary, no shadow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 
 import psutil
@@ -12,20 +11,27 @@ from llmesh.stack.layout import StackLayout
 
 
 def stack_processes(layout: StackLayout) -> dict[str, list[psutil.Process]]:
-    """Every live process of the stack by component; Triton's stubs count as `triton-stubs`."""
-    groups = {int(path.read_text()): path.stem for path in layout.pids.glob("*.pid")}
+    """Every live process of the stack by component: each process the stack started with its
+    descendants; infer's tritonserver counts as `tritonserver`, Triton's stubs as `triton-stubs`."""
     found: dict[str, list[psutil.Process]] = {}
-    for proc in psutil.process_iter(["cmdline"]):
+    for path in layout.pids.glob("*.pid"):
         try:
-            name = groups.get(os.getpgid(proc.pid))
-        except ProcessLookupError:
+            leader = psutil.Process(int(path.read_text()))
+            members = [leader, *leader.children(recursive=True)]
+        except psutil.NoSuchProcess:
             continue
-        if name is None:
-            continue
-        if "triton_python_backend_stub" in " ".join(proc.info["cmdline"] or []):
-            name = "triton-stubs"
-        found.setdefault(name, []).append(proc)
+        for proc in members:
+            found.setdefault(_component(proc, path.stem), []).append(proc)
     return found
+
+
+def _component(proc: psutil.Process, started_as: str) -> str:
+    try:
+        if "triton_python_backend_stub" in " ".join(proc.cmdline()):
+            return "triton-stubs"
+        return "tritonserver" if proc.name() == "tritonserver" else started_as
+    except psutil.Error:
+        return started_as
 
 
 def _cpu_seconds(procs: list[psutil.Process]) -> float:

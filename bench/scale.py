@@ -35,17 +35,19 @@ def _throughput(layout: StackLayout, concurrency: int, seconds: float) -> dict[s
 
 
 def _start_second_replica(layout: StackLayout) -> str:
-    """A second infer (and tritonserver) in the llmesh-infer group; returns its gRPC address."""
+    """A second infer (running its own tritonserver) in the llmesh-infer group; returns its gRPC address."""
     ports = {name: free_port() for name in ("grpc", "metrics", "triton_grpc", "triton_http", "triton_metrics")}
     repository = layout.home / "triton2" / "models"
-    stack.start_triton(layout, "tritonserver2", repository, ports["triton_grpc"], ports["triton_http"], ports["triton_metrics"])
-    env = stack.service_env(layout, "infer") | {
-        "LLMESH_GRPC_PORT": str(ports["grpc"]),
-        "LLMESH_METRICS_PORT": str(ports["metrics"]),
-        "LLMESH_TRITON_URL": f"127.0.0.1:{ports['triton_grpc']}",
-        "LLMESH_MODEL_REPOSITORY": str(repository),
-        "LLMESH_REPLICA": SECOND,
-    }
+    triton = stack.infer_env(layout, repository, ports["triton_grpc"], ports["triton_http"], ports["triton_metrics"])
+    env = (
+        stack.service_env(layout, "infer")
+        | triton
+        | {
+            "LLMESH_GRPC_PORT": str(ports["grpc"]),
+            "LLMESH_METRICS_PORT": str(ports["metrics"]),
+            "LLMESH_REPLICA": SECOND,
+        }
+    )
     processes.start(layout, SECOND, [sys.executable, "-m", "services.infer"], env)
     return f"127.0.0.1:{ports['grpc']}"
 
@@ -71,7 +73,6 @@ def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
         two = _throughput(layout, concurrency, seconds)
     finally:
         processes.stop(layout, SECOND)
-        processes.stop(layout, "tritonserver2")
     result = {
         "concurrency": concurrency,
         "max_tokens": 16,

@@ -58,7 +58,7 @@ def up(
     home: HomeOpt = Path(".llmesh"),
     free_ports: Annotated[bool, typer.Option(help="pick free ports instead of the defaults")] = False,
 ) -> None:
-    """Start broker, Redis, tritonserver and the four services; serve the demo model."""
+    """Start broker, Redis and the four services (infer runs tritonserver); serve the demo model."""
     started = time.perf_counter()
     try:
         layout = stack.up(home.resolve(), _say, free_ports=free_ports)
@@ -87,6 +87,8 @@ def _print_status(layout: StackLayout) -> None:
         table.add_column(column)
     for name in ("broker", "redis", "tritonserver", *SERVICES):
         pid = processes.pid_of(layout, name)
+        if name == "tritonserver" and (infer := processes.pid_of(layout, "infer")):
+            pid = processes.child_named(infer, name)  # infer runs it
         port = layout.ports.get(name) or layout.ports.get("triton_grpc")
         health = client.health_status(layout.address(name)) if name in SERVICES else ("running" if pid else "stopped")
         metrics = f"http://127.0.0.1:{layout.ports[name + '_metrics']}/metrics" if name in SERVICES else ""

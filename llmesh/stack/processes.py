@@ -57,6 +57,16 @@ def alive(pid: int) -> bool:
     return _state(pid) != "Z"
 
 
+def child_named(pid: int, name: str) -> int | None:
+    """A child process of `pid` running the executable `name` (e.g. infer's tritonserver)."""
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/comm").read_text().strip() == name:
+                    return int(child)
+    return None
+
+
 def _state(pid: int) -> str:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from llmesh.stack.layout import SERVICES, StackLayout
 DEMO_MODEL = "chat"
 Report = Callable[[str], None]
 # Stop order: clients of a server stop before the server.
-STOP_ORDER = ("gateway", "tokenize", "eval", "infer", "tritonserver", "redis", "broker")
+STOP_ORDER = ("gateway", "tokenize", "eval", "infer", "redis", "broker")  # infer stops its tritonserver
 
 
 def demo_model_dir(layout: StackLayout, version: int) -> Path:
@@ -64,34 +65,36 @@ def _start_infrastructure(layout: StackLayout, report: Report) -> None:
         [str(binaries.redis_server()), "--port", str(p["redis"]), "--bind", "127.0.0.1", "--save", "", "--dir", str(redis_dir)],
     )
     processes.wait_for_port(p["redis"], 15, "redis", pid)
-    start_triton(layout, "tritonserver", layout.triton_repository, p["triton_grpc"], p["triton_http"], p["triton_metrics"])
-    report(f"broker, redis and tritonserver are up ({layout.home / 'logs'})")
+    report(f"broker and redis are up ({layout.home / 'logs'})")
 
 
-def start_triton(layout: StackLayout, name: str, repository: Path, grpc_port: int, http_port: int, metrics_port: int) -> int:
-    """Start a tritonserver (explicit model control) serving `repository`; wait for its gRPC port."""
+def triton_command(layout: StackLayout, repository: Path, grpc_port: int, http_port: int, metrics_port: int) -> list[str]:
+    """The tritonserver command line (explicit model control) an infer replica runs for `repository`."""
     repository.mkdir(parents=True, exist_ok=True)
     backends = binaries.build_triton_backends(layout.triton_backends)
-    pid = processes.start(
-        layout,
-        name,
-        [
-            str(binaries.triton_root() / "bin" / "tritonserver"),
-            f"--model-repository={repository}",
-            "--model-control-mode=explicit",
-            f"--backend-directory={backends}",
-            "--disable-auto-complete-config",
-            "--pinned-memory-pool-byte-size=0",
-            "--exit-timeout-secs=10",
-            "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
-            "--http-address=127.0.0.1", f"--http-port={http_port}",
-            "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}",
-            "--log-verbose=0",
-        ],
-        env=binaries.triton_env(),
-    )  # fmt: skip
-    processes.wait_for_port(grpc_port, 30, name, pid)
-    return pid
+    return [
+        str(binaries.triton_root() / "bin" / "tritonserver"),
+        f"--model-repository={repository}",
+        "--model-control-mode=explicit",
+        f"--backend-directory={backends}",
+        "--disable-auto-complete-config",
+        "--pinned-memory-pool-byte-size=0",
+        "--exit-timeout-secs=10",
+        "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
+        "--http-address=127.0.0.1", f"--http-port={http_port}",
+        "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}",
+        "--log-verbose=0",
+    ]  # fmt: skip
+
+
+def infer_env(layout: StackLayout, repository: Path, grpc_port: int, http_port: int, metrics_port: int) -> dict[str, str]:
+    """What an infer replica needs to run (and supervise) its own tritonserver."""
+    return {
+        "LLMESH_TRITON_URL": f"127.0.0.1:{grpc_port}",
+        "LLMESH_MODEL_REPOSITORY": str(repository),
+        "LLMESH_TRITON_COMMAND": json.dumps(triton_command(layout, repository, grpc_port, http_port, metrics_port)),
+        "LLMESH_TRITON_ENV": json.dumps(binaries.triton_env()),
+    }
 
 
 def service_env(layout: StackLayout, name: str) -> dict[str, str]:
@@ -104,7 +107,7 @@ def service_env(layout: StackLayout, name: str) -> dict[str, str]:
         "LLMESH_REDIS_URL": layout.redis_url,
     }
     if name == "infer":
-        env |= {"LLMESH_TRITON_URL": layout.address("triton_grpc"), "LLMESH_MODEL_REPOSITORY": str(layout.triton_repository)}
+        env |= infer_env(layout, layout.triton_repository, p["triton_grpc"], p["triton_http"], p["triton_metrics"])
     return env
 
 
@@ -128,7 +131,7 @@ def _start_services(layout: StackLayout, report: Report, timeout: float = 90.0) 
         time.sleep(0.1)
     if waiting:
         raise processes.StartFailed(f"not SERVING after {timeout:.0f}s: {', '.join(sorted(waiting))}")
-    report("gateway, tokenize, infer and eval are SERVING")
+    report("gateway, tokenize, infer (with its tritonserver) and eval are SERVING")
 
 
 async def _publish_first_release(layout: StackLayout, report: Report, timeout: float = 120.0) -> int:

@@ -30,6 +30,7 @@ from services.infer.repository import ModelRepository
 from services.infer.served import ServedVersions
 from services.infer.settings import InferSettings
 from services.infer.triton import GenerationError, TritonGenerator
+from services.infer.tritonserver import TritonSupervisor
 
 GENERATED = Counter("llmesh_infer_generated_tokens_total", "Tokens generated", ["model", "version"])
 REQUESTS = Counter("llmesh_infer_requests_total", "Inference requests by outcome", ["model", "version", "code"])
@@ -65,6 +66,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         self.releases = ReleaseApplier(
             settings, self.registry, self.triton, self.repository, self.served, self.catalog, self.publish_status
         )
+        self.supervisor = TritonSupervisor(self.triton, settings.triton_command, settings.triton_env, self.releases.reload_served)
         opts = settings.kafka
         # Every replica reads every release from the start (no group); events already applied are skipped.
         kafka.subscribe(
@@ -82,6 +84,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
 
     async def start(self) -> None:
         await kafka.ensure_topics(self.settings.kafka.bootstrap)
+        await self.supervisor.start()
         await self.broker.connect()
         await self.releases.restore()  # what the registry routes to is loaded before requests are consumed
         await self.broker.start()
@@ -91,6 +94,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         await self.releases.stop()
         await super().stop()
         await self.triton.close()
+        await self.supervisor.stop()
         await self.registry.close()
 
     # ---- gRPC ------------------------------------------------------------------------------
@@ -196,6 +200,8 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 f"{task.model}@{task.version} is not loaded on replica {self.settings.replica}",
             )
+        elif not self.supervisor.up:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"Triton of replica {self.settings.replica} is restarting; retry"
         elif remaining <= 0:
             EXPIRED.inc()
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before generation started"
@@ -214,6 +220,8 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
                 code, message = grpc.StatusCode.NOT_FOUND, str(err)
             except (TimeoutError, GenerationError) as err:
                 code, message = grpc.StatusCode.INTERNAL, f"generation failed: {err}"
+                if not await self.triton.is_live():
+                    code, message = grpc.StatusCode.UNAVAILABLE, f"Triton of replica {self.settings.replica} died; retry"
         await reply.send(events_pb2.TextChunk(final=True, error=error_status(code, message)))
         return code
 

@@ -255,6 +255,14 @@ class ReleaseApplier:
 
     # ---- restart ------------------------------------------------------------------------------
 
+    async def reload_served(self) -> None:
+        """Triton came back empty (it restarted): load and warm again every version this replica serves."""
+        for loaded in self.served.all():
+            if not await self.triton.is_ready(loaded.triton_model):
+                await asyncio.wait_for(self.triton.load(loaded.triton_model), self.settings.load_timeout_s)
+                await self._warm_up(loaded.triton_model)
+                log.info("reloaded after a Triton restart", extra={"model": loaded.model, "version": loaded.version})
+
     async def restore(self) -> None:
         """Load what the registry routes to (primary and previous) that this replica lacks."""
         for model in await self.registry.models():

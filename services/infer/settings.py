@@ -11,6 +11,12 @@ class InferSettings(ServiceSettings):
     grpc_port: int = 50053
     metrics_port: int = 9103
     triton_url: str = "127.0.0.1:18001"
+    triton_command: list[str] = Field(
+        default_factory=list,
+        description="tritonserver command line (JSON list): infer runs it, starts it again if it dies and reloads what "
+        "it serves; empty: Triton runs beside infer (a sidecar) and infer only reloads after it comes back",
+    )
+    triton_env: dict[str, str] = Field(default_factory=dict, description="extra environment of triton_command")
     model_repository: Path = Path(".llmesh/triton-models")
     instance_kind: str = Field(default="auto", pattern="^(auto|KIND_CPU|KIND_GPU)$")
     instances: int = Field(default=1, ge=1)

@@ -60,6 +60,12 @@ class TritonGenerator:
         if self._client is not None:
             await self._client.close()
 
+    async def is_live(self) -> bool:
+        try:
+            return bool(await self.client.is_server_live(client_timeout=1.0))
+        except InferenceServerException:
+            return False
+
     async def is_ready(self, name: str) -> bool:
         try:
             return bool(await self.client.is_model_ready(name))

@@ -1,0 +1,67 @@
+"""Faults under load: every request ends with an answer or a fast, clear error, and the mesh heals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import grpc
+import pytest
+
+from llmesh.loadgen import GatewayLoad, LoadRun
+from llmesh.stack import processes
+from llmesh.stack.layout import StackLayout
+from llmesh.v1 import infer_pb2, infer_pb2_grpc
+
+pytestmark = pytest.mark.slow
+TIMEOUT_S = 20.0
+
+
+def outcomes(run: LoadRun) -> Counter[str]:
+    return Counter(s.error.split(":")[0] if s.error else "OK" for s in run.samples)
+
+
+def load(mesh: StackLayout) -> GatewayLoad:
+    return GatewayLoad(mesh.address("gateway"), "chat", clients=2, timeout_s=TIMEOUT_S, interval_s=0.2)
+
+
+def wait_until_answered(run: LoadRun, since: float, timeout: float = 120) -> float:
+    """Seconds from `since` until a request that started after it succeeded."""
+    deadline = time.monotonic() + timeout
+    while not (answered := [s.finished for s in run.samples if s.started > since and not s.error]):
+        assert time.monotonic() < deadline, f"no request succeeded within {timeout:.0f}s: {outcomes(run)}"
+        time.sleep(0.2)
+    return min(answered) - since
+
+
+def assert_all_answered(mesh: StackLayout) -> None:
+    """Afterwards every request succeeds."""
+    with load(mesh) as after:
+        time.sleep(3)
+    assert after.run.samples, "no request finished"
+    assert not after.run.errors, after.run.errors[:3]
+
+
+def test_tritonserver_crash_infer_starts_it_again_and_reloads_what_it_serves(mesh):
+    infer = processes.pid_of(mesh, "infer")
+    assert infer is not None
+    crashed = processes.child_named(infer, "tritonserver")
+    assert crashed is not None, "infer runs its tritonserver"
+    with load(mesh) as during:
+        time.sleep(1)
+        killed_at = time.monotonic()
+        os.kill(crashed, signal.SIGKILL)
+        back_s = wait_until_answered(during.run, since=killed_at)
+    codes = outcomes(during.run)
+    print(f"tritonserver kill -9: answered again after {back_s:.1f}s; outcomes {dict(codes)}")
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert codes["UNAVAILABLE"], "requests during the outage fail fast with UNAVAILABLE"
+    assert max(s.latency_ms for s in during.run.samples) < TIMEOUT_S * 1000
+    restarted = processes.child_named(infer, "tritonserver")
+    assert restarted not in (None, crashed)
+    assert_all_answered(mesh)
+    with grpc.insecure_channel(mesh.address("infer")) as channel:
+        loaded = infer_pb2_grpc.InferStub(channel).ListLoaded(infer_pb2.ListLoadedRequest(), timeout=10)
+    assert any(v.model == "chat" for v in loaded.versions)

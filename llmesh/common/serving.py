@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from llmesh.common import kafka, logs
+from llmesh.common.outages import OutageStatus
 from llmesh.common.polling import AdaptivePolling
 from llmesh.common.settings import ServiceSettings
 
@@ -72,7 +73,8 @@ class InFlight:
 async def run_service(service: Service, settings: ServiceSettings, ready: Callable[[], Awaitable[None]] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then shut down gracefully. Returns the process exit code."""
     logs.configure(service.name, settings.log_level)
-    server = grpc.aio.server(interceptors=service.interceptors(), options=[("grpc.so_reuseport", 0)])
+    interceptors = [OutageStatus(), *service.interceptors()]
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     names = service.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -57,15 +57,20 @@ def _start_infrastructure(layout: StackLayout, report: Report) -> None:
         ],
     )  # fmt: skip
     processes.wait_for_port(p["broker"], 15, "broker", pid)
+    start_redis(layout)
+    report(f"broker and redis are up ({layout.home / 'logs'})")
+
+
+def start_redis(layout: StackLayout) -> int:
+    """Redis with an append-only file: a restart keeps the registry (routing, versions, keys)."""
     redis_dir = layout.home / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
-    pid = processes.start(
-        layout,
-        "redis",
-        [str(binaries.redis_server()), "--port", str(p["redis"]), "--bind", "127.0.0.1", "--save", "", "--dir", str(redis_dir)],
-    )
-    processes.wait_for_port(p["redis"], 15, "redis", pid)
-    report(f"broker and redis are up ({layout.home / 'logs'})")
+    port = layout.ports["redis"]
+    argv = [str(binaries.redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir)]
+    argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
+    pid = processes.start(layout, "redis", argv)
+    processes.wait_for_port(port, 15, "redis", pid)
+    return pid
 
 
 def triton_command(layout: StackLayout, repository: Path, grpc_port: int, http_port: int, metrics_port: int) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from llmesh.common.apikeys import ApiKey, ApiKeyStore, Scope
+from llmesh.common.outages import refusal, same_kind
 
 CALLER: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("llmesh_caller", default=None)
 SCOPES = {"/llmesh.v1.Gateway/": Scope.GENERATE, "/llmesh.v1.Admin/": Scope.ADMIN}  # others (health, reflection): open
@@ -57,9 +58,9 @@ class KeyCheck(grpc.aio.ServerInterceptor):
         key = await self._find(secret) if secret else None
         if key is None:
             reason = "this API key is not valid (revoked or unknown)" if secret else "an API key is required (x-api-key)"
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
+            return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
         if scope not in key.scopes:
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, f"key {key.id} lacks the {scope.value!r} scope")
+            return refusal(handler, grpc.StatusCode.PERMISSION_DENIED, f"key {key.id} lacks the {scope.value!r} scope")
         return _as_caller(handler, key)
 
     async def _find(self, secret: str) -> ApiKey | None:
@@ -74,17 +75,6 @@ class KeyCheck(grpc.aio.ServerInterceptor):
         return key
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    return _same_kind(handler, refuse, refuse_stream)
-
-
 def _as_caller(handler: grpc.RpcMethodHandler, key: ApiKey) -> grpc.RpcMethodHandler:
     unary, stream = handler.unary_unary, handler.unary_stream
 
@@ -97,19 +87,7 @@ def _as_caller(handler: grpc.RpcMethodHandler, key: ApiKey) -> grpc.RpcMethodHan
         async for item in stream(request, context):
             yield item
 
-    return _same_kind(handler, call, call_stream)
-
-
-def _same_kind(handler: grpc.RpcMethodHandler, unary: Callable[..., Any], stream: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
-    if handler.unary_unary is None:
-        raise TypeError("the gateway has only unary and server-streaming methods")
-    return grpc.unary_unary_rpc_method_handler(
-        unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+    return same_kind(handler, call, call_stream)
 
 
 class Quotas:

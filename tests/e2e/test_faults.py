@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from llmesh.loadgen import GatewayLoad, LoadRun
-from llmesh.stack import processes
+from llmesh.stack import processes, stack
 from llmesh.stack.layout import StackLayout
-from llmesh.v1 import infer_pb2, infer_pb2_grpc
+from llmesh.v1 import gateway_pb2, infer_pb2, infer_pb2_grpc
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 20.0
@@ -65,3 +65,23 @@ def test_tritonserver_crash_infer_starts_it_again_and_reloads_what_it_serves(mes
     with grpc.insecure_channel(mesh.address("infer")) as channel:
         loaded = infer_pb2_grpc.InferStub(channel).ListLoaded(infer_pb2.ListLoadedRequest(), timeout=10)
     assert any(v.model == "chat" for v in loaded.versions)
+
+
+def test_redis_stop_and_restart_routing_survives_and_no_wrong_version_is_served(mesh, gateway):
+    primary = gateway.GetModel(gateway_pb2.GetModelRequest(name="chat"), timeout=5).primary_version
+    with load(mesh) as during:
+        time.sleep(1)
+        stopped_at = time.monotonic()
+        assert processes.stop(mesh, "redis")
+        time.sleep(3)
+        stack.start_redis(mesh)
+        back_s = wait_until_answered(during.run, since=stopped_at + 3)
+    codes = outcomes(during.run)
+    print(f"redis stop + start: answered again {back_s:.1f}s after the restart; outcomes {dict(codes)}")
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert codes["UNAVAILABLE"], "requests during the outage fail fast with UNAVAILABLE"
+    assert max(s.latency_ms for s in during.run.errors) < 5000, "outage errors come fast"
+    served = {v for s in during.run.samples for v in s.versions}
+    assert served == {primary}, f"only the primary v{primary} answers, got {served}"
+    assert gateway.GetModel(gateway_pb2.GetModelRequest(name="chat"), timeout=5).primary_version == primary
+    assert_all_answered(mesh)

@@ -4,7 +4,6 @@ tritonserver) in the same consumer group, at the same closed-loop load."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,8 @@ import grpc
 
 from bench.common import pyplot, summary
 from bench.overhead import Paths, closed_loop, prompt_ids
-from llmesh import client
 from llmesh.stack import processes, stack
-from llmesh.stack.layout import StackLayout, free_port
+from llmesh.stack.layout import StackLayout
 from llmesh.v1 import infer_pb2, infer_pb2_grpc
 
 SECOND = "infer2"
@@ -34,31 +32,7 @@ def _throughput(layout: StackLayout, concurrency: int, seconds: float) -> dict[s
     return asyncio.run(measure())
 
 
-def _start_second_replica(layout: StackLayout) -> str:
-    """A second infer (running its own tritonserver) in the llmesh-infer group; returns its gRPC address."""
-    ports = {name: free_port() for name in ("grpc", "metrics", "triton_grpc", "triton_http", "triton_metrics")}
-    repository = layout.home / "triton2" / "models"
-    triton = stack.infer_env(layout, repository, ports["triton_grpc"], ports["triton_http"], ports["triton_metrics"])
-    env = (
-        stack.service_env(layout, "infer")
-        | triton
-        | {
-            "LLMESH_GRPC_PORT": str(ports["grpc"]),
-            "LLMESH_METRICS_PORT": str(ports["metrics"]),
-            "LLMESH_REPLICA": SECOND,
-        }
-    )
-    processes.start(layout, SECOND, [sys.executable, "-m", "services.infer"], env)
-    return f"127.0.0.1:{ports['grpc']}"
-
-
-def _wait_until_serving(address: str, timeout: float = 120) -> None:
-    """SERVING means the replica restored what the registry routes to, then joined the group."""
-    deadline = time.monotonic() + timeout
-    while client.health_status(address, timeout=0.5) != "SERVING":
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{SECOND} not SERVING after {timeout:.0f}s")
-        time.sleep(0.2)
+def _check_loaded(address: str) -> None:
     with grpc.insecure_channel(address) as channel:
         loaded = infer_pb2_grpc.InferStub(channel).ListLoaded(infer_pb2.ListLoadedRequest(), timeout=10)
     assert any(v.model == "chat" for v in loaded.versions), f"{SECOND} has not loaded chat"
@@ -69,7 +43,7 @@ def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
     concurrency, seconds = (4, 3.0) if quick else (8, 15.0)
     one = _throughput(layout, concurrency, seconds)
     try:
-        _wait_until_serving(_start_second_replica(layout))
+        _check_loaded(stack.start_infer_replica(layout, SECOND))
         two = _throughput(layout, concurrency, seconds)
     finally:
         processes.stop(layout, SECOND)

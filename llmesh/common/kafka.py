@@ -20,6 +20,7 @@ from llmesh.common.events import ReleaseEvent
 from llmesh.common.polling import AdaptivePolling
 from llmesh.common.settings import KafkaSettings
 from llmesh.common.topics import Header
+from llmesh.v1 import events_pb2
 
 log = logging.getLogger("llmesh.kafka")
 HOP_SECONDS = Histogram(
@@ -125,6 +126,16 @@ def headers_for(message: Message, request_id: str = "", **extra: str) -> dict[st
         out[Header.REQUEST_ID] = request_id
     out.update({k: v for k, v in extra.items() if v})
     return out
+
+
+async def publish_task(
+    broker: KafkaBroker, task: events_pb2.InferTask, reply_to: str, traceparent: str, *, wait: bool = True
+) -> None:
+    """An InferTask to infer, keyed by request id, with where to answer, its trace and its deadline."""
+    extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent, Header.DEADLINE: str(task.deadline_unix_ms)}
+    headers = headers_for(task, task.request_id, **extra)
+    value, key = task.SerializeToString(), task.request_id.encode()
+    await broker.publish(value, topics.INFER_REQUESTS, key=key, headers=headers, no_confirm=not wait)
 
 
 def expired(msg: KafkaMessage) -> bool:

@@ -13,7 +13,7 @@ from llmesh import client
 from llmesh.common import kafka
 from llmesh.common.registry import Registry
 from llmesh.stack import binaries, processes
-from llmesh.stack.layout import SERVICES, StackLayout
+from llmesh.stack.layout import SERVICES, StackLayout, free_port
 
 DEMO_MODEL = "chat"
 Report = Callable[[str], None]
@@ -119,6 +119,31 @@ def service_env(layout: StackLayout, name: str) -> dict[str, str]:
 def start_service(layout: StackLayout, name: str) -> int:
     """Start one service of the stack (also used to restart one that was stopped or killed)."""
     return processes.start(layout, name, [sys.executable, "-m", f"services.{name}"], service_env(layout, name))
+
+
+def start_infer_replica(layout: StackLayout, name: str, timeout: float = 120) -> str:
+    """Another infer replica (running its own tritonserver) in infer's consumer group; returns its gRPC
+    address once SERVING (it has loaded what the registry routes to and joined the group)."""
+    ports = {port: free_port() for port in ("grpc", "metrics", "triton_grpc", "triton_http", "triton_metrics")}
+    repository = layout.home / name / "triton-models"
+    triton = infer_env(layout, repository, ports["triton_grpc"], ports["triton_http"], ports["triton_metrics"])
+    env = (
+        service_env(layout, "infer")
+        | triton
+        | {
+            "LLMESH_GRPC_PORT": str(ports["grpc"]),
+            "LLMESH_METRICS_PORT": str(ports["metrics"]),
+            "LLMESH_REPLICA": name,
+        }
+    )
+    pid = processes.start(layout, name, [sys.executable, "-m", "services.infer"], env)
+    address = f"127.0.0.1:{ports['grpc']}"
+    deadline = time.monotonic() + timeout
+    while client.health_status(address, timeout=0.5) != "SERVING":
+        if not processes.alive(pid) or time.monotonic() > deadline:
+            raise processes.StartFailed(f"{name} is not SERVING after {timeout:.0f}s; see {layout.logs / name}.log")
+        time.sleep(0.2)
+    return address
 
 
 def _start_services(layout: StackLayout, report: Report, timeout: float = 90.0) -> None:

@@ -24,7 +24,6 @@ from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import InFlight, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion
-from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import AdminService
 from services.gateway.auth import CALLER, KeyCheck, QuotaExceeded, Quotas
@@ -291,10 +290,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     async def _publish(self, task: events_pb2.InferTask, traceparent: str, reply_to: str, *, wait: bool = True) -> None:
         self.polling.touch()  # the reply will come back on the request path
-        extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent, Header.DEADLINE: str(task.deadline_unix_ms)}
-        headers = kafka.headers_for(task, task.request_id, **extra)
-        value, key = task.SerializeToString(), task.request_id.encode()
-        await self.broker.publish(value, topics.INFER_REQUESTS, key=key, headers=headers, no_confirm=not wait)
+        await kafka.publish_task(self.broker, task, reply_to, traceparent, wait=wait)
 
     async def _mirror(self, task: events_pb2.InferTask, version: int, prompt: str, traceparent: str) -> None:
         """Fire-and-forget copy for a shadow candidate, encoded with the candidate's own tokenizer;

@@ -25,6 +25,7 @@ from llmesh.common.tokenizers import TokenizerCatalog, UnknownVersion
 from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, infer_pb2, infer_pb2_grpc
 from services.infer.chunks import ChunkStream
+from services.infer.leases import Lease, ReplicaLeases
 from services.infer.releases import ReleaseApplier
 from services.infer.repository import ModelRepository
 from services.infer.served import ServedVersions
@@ -66,6 +67,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         self.releases = ReleaseApplier(
             settings, self.registry, self.triton, self.repository, self.served, self.catalog, self.publish_status
         )
+        self.leases = ReplicaLeases(self.registry.redis, settings.replica)
         self.supervisor = TritonSupervisor(self.triton, settings.triton_command, settings.triton_env, self.releases.reload_served)
         opts = settings.kafka
         # Every replica reads every release from the start (no group); events already applied are skipped.
@@ -89,8 +91,10 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         await self.releases.restore()  # what the registry routes to is loaded before requests are consumed
         await self.broker.start()
         self.polling.start()
+        await self.leases.start(self._requeue, self._unavailable)
 
     async def stop(self) -> None:
+        await self.leases.stop()
         await self.releases.stop()
         await super().stop()
         await self.triton.close()
@@ -160,11 +164,25 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         if not reply_to:
             await self.dead_letters.send(msg, "InferTask lacks the reply-to header: no one could receive the answer")
             return
-        reply = Reply(self.broker, task, reply_to, kafka.header(msg, Header.TRACEPARENT), expired=kafka.expired(msg))
+        traceparent = kafka.header(msg, Header.TRACEPARENT)
+        reply = Reply(self.broker, task, reply_to, traceparent, expired=kafka.expired(msg))
         if task.request_id.endswith(topics.SHADOW_SUFFIX):
-            await self._mirror(task, reply)
-        else:
-            await self.in_flight.spawn(self._generate(task, reply))
+            await self._mirror(task, reply)  # no lease: a lost mirror is a missing pair, and no client waits
+        elif await self.leases.claim(Lease(task, reply_to, traceparent)):
+            await self.in_flight.spawn(self._answer(task, reply))
+
+    async def _answer(self, task: events_pb2.InferTask, reply: Reply) -> None:
+        try:
+            await self._generate(task, reply)
+        finally:
+            await self.leases.done(task.request_id)
+
+    async def _requeue(self, lease: Lease) -> None:
+        await kafka.publish_task(self.broker, lease.task, lease.reply_to, lease.traceparent)
+
+    async def _unavailable(self, lease: Lease, reason: str) -> None:
+        reply = Reply(self.broker, lease.task, lease.reply_to, lease.traceparent)
+        await reply.send(events_pb2.TextChunk(final=True, error=error_status(grpc.StatusCode.UNAVAILABLE, reason)))
 
     async def _mirror(self, task: events_pb2.InferTask, reply: Reply) -> None:
         """Mirrored requests yield to client requests: a few at a time, dropped beyond a backlog

@@ -14,6 +14,7 @@ from llmesh.loadgen import GatewayLoad, LoadRun
 from llmesh.stack import processes, stack
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import gateway_pb2, infer_pb2, infer_pb2_grpc
+from tests.e2e.restarts import restart
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 20.0
@@ -85,3 +86,26 @@ def test_redis_stop_and_restart_routing_survives_and_no_wrong_version_is_served(
     assert served == {primary}, f"only the primary v{primary} answers, got {served}"
     assert gateway.GetModel(gateway_pb2.GetModelRequest(name="chat"), timeout=5).primary_version == primary
     assert_all_answered(mesh)
+
+
+def test_kill_9_of_an_infer_replica_mid_load_its_requests_finish_on_the_other_or_fail_unavailable(mesh):
+    stack.start_infer_replica(mesh, "infer-2")
+    try:
+        time.sleep(5)  # the group rebalances: the second replica takes half the partitions
+        victim = processes.pid_of(mesh, "infer")
+        assert victim is not None
+        with GatewayLoad(mesh.address("gateway"), "chat", clients=6, max_tokens=48, timeout_s=TIMEOUT_S) as during:
+            time.sleep(2)
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            time.sleep(12)  # the heartbeat lapses, the leases are taken over, the group rebalances
+        codes = outcomes(during.run)
+        hit = [s for s in during.run.samples if s.started < killed_at < s.finished]
+        print(f"infer kill -9: {len(hit)} requests in flight at the kill; outcomes {dict(codes)}")
+        assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+        assert hit, "requests were in flight when the replica died"
+        assert max(s.latency_ms for s in during.run.samples) < TIMEOUT_S * 1000
+        assert_all_answered(mesh)
+    finally:
+        processes.stop(mesh, "infer-2")
+        restart(mesh, "infer")

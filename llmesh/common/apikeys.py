@@ -20,6 +20,8 @@ from enum import StrEnum
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
 
+from llmesh.common.registry import connect
+
 KEYS = "llmesh:apikeys"
 DIGESTS = "llmesh:apikeys:digests"
 SECRET_PREFIX = "lmk"
@@ -85,7 +87,7 @@ class ApiKeyStore:
 
     @classmethod
     def from_url(cls, url: str) -> ApiKeyStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True))
+        return cls(connect(url))
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -18,6 +18,9 @@ from enum import Enum
 
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
+from redis import exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.typing import EncodableT, FieldT
 
 from llmesh.v1 import common_pb2
@@ -26,6 +29,15 @@ PREFIX = "llmesh"
 MODELS = f"{PREFIX}:models"
 REFUSED_EVENTS = f"{PREFIX}:events:refused"
 LIVE_STATES = ("SERVING", "READY", "DRAINING")  # loaded in Triton: requests pinned to them are answered
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that reconnects once Redis is back: a command on a connection Redis closed (it
+    restarted) is retried on a fresh one instead of failing."""
+    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
+    return redis.Redis.from_url(
+        url, decode_responses=True, retry=retry, retry_on_error=[exceptions.ConnectionError, exceptions.TimeoutError]
+    )
 
 
 def routing_key(model: str) -> str:
@@ -113,7 +125,7 @@ class Registry:
 
     @classmethod
     def from_url(cls, url: str) -> Registry:
-        return cls(redis.Redis.from_url(url, decode_responses=True))
+        return cls(connect(url))
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,11 +17,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from llmesh.common import kafka, logs
+from llmesh.common.brokerwatch import BrokerWatch, wait_until_reachable
 from llmesh.common.outages import OutageStatus
 from llmesh.common.polling import AdaptivePolling
 from llmesh.common.settings import ServiceSettings
 
 log = logging.getLogger("llmesh.serving")
+BROKER_STOP_S = 5.0
 
 
 class Service(Protocol):
@@ -113,9 +117,18 @@ async def run_service(service: Service, settings: ServiceSettings, ready: Callab
     return 0
 
 
+def start_afresh() -> NoReturn:
+    """Run this process's command again in this process (same pid: whoever supervises it sees no
+    exit). Nothing of the old process survives: no client, no queued message, no open socket."""
+    log.warning("starting afresh")
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 class KafkaService:
     """The lifecycle shared by services whose work arrives over Kafka: a tuned broker, dead letters,
-    bounded in-flight work; start creates topics, drain stops consuming and waits, stop disconnects."""
+    bounded in-flight work; start waits for the broker and creates topics, drain stops consuming and
+    waits, stop disconnects. A service that loses its broker starts afresh (llmesh/common/brokerwatch.py)."""
 
     name = "service"
 
@@ -125,20 +138,46 @@ class KafkaService:
         self.dead_letters = kafka.DeadLetters(self.broker, self.name)
         self.in_flight = InFlight(settings.max_in_flight)
         self.polling = AdaptivePolling(settings.kafka)
+        self.broker_watch = BrokerWatch(settings.kafka.bootstrap, self._broker_lost)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return []
 
+    def extra_topics(self) -> dict[str, int]:
+        """Topics of this service's own (name: partitions) beside the mesh's."""
+        return {}
+
+    async def prepare(self) -> None:
+        """Work after the broker is connected and before any message is consumed."""
+
+    def on_broker_lost(self) -> None:
+        """The broker stopped accepting connections; the service starts afresh right after this."""
+
+    def _broker_lost(self) -> None:
+        self.on_broker_lost()
+        start_afresh()
+
     async def start(self) -> None:
-        await kafka.ensure_topics(self.settings.kafka.bootstrap)
+        await wait_until_reachable(self.settings.kafka.bootstrap)
+        await kafka.ensure_topics(self.settings.kafka.bootstrap, self.extra_topics())
+        await self.broker.connect()
+        await self.prepare()
         await self.broker.start()
         self.polling.start()
+        self.broker_watch.start()
 
     async def drain(self, timeout: float) -> None:
-        for subscriber in self.broker.subscribers:
-            await subscriber.stop()
+        stopping = [asyncio.create_task(subscriber.stop()) for subscriber in self.broker.subscribers]
+        if stopping:
+            _, pending = await asyncio.wait(stopping, timeout=BROKER_STOP_S)
+            if pending:  # a consumer committing to a topic the broker lost retries for ever
+                log.warning("Kafka consumers did not stop in time", extra={"consumers": len(pending)})
         await self.in_flight.drain(timeout)
 
     async def stop(self) -> None:
+        await self.broker_watch.stop()
         await self.polling.stop()
-        await self.broker.stop()
+        try:  # a consumer committing to a topic the broker lost retries for ever
+            await asyncio.wait_for(self.broker.stop(), BROKER_STOP_S)
+        except TimeoutError:
+            log.warning("the Kafka clients did not close in time", extra={"seconds": BROKER_STOP_S})

@@ -62,7 +62,7 @@ def child_named(pid: int, name: str) -> int | None:
     for children in Path(f"/proc/{pid}/task").glob("*/children"):
         for child in children.read_text().split():
             with contextlib.suppress(OSError):
-                if Path(f"/proc/{child}/comm").read_text().strip() == name:
+                if Path(f"/proc/{child}/comm").read_text().strip() == name and alive(int(child)):
                     return int(child)
     return None
 

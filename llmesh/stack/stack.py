@@ -44,21 +44,19 @@ def running(layout: StackLayout) -> list[str]:
 
 
 def _start_infrastructure(layout: StackLayout, report: Report) -> None:
-    p = layout.ports
-    pid = processes.start(
-        layout,
-        "broker",
-        [
-            str(binaries.tansu()),
-            "broker",
-            "--listener-url", f"tcp://127.0.0.1:{p['broker']}",
-            "--advertised-listener-url", f"tcp://127.0.0.1:{p['broker']}",
-            "--storage-engine", "memory://tansu/",
-        ],
-    )  # fmt: skip
-    processes.wait_for_port(p["broker"], 15, "broker", pid)
+    start_broker(layout)
     start_redis(layout)
     report(f"broker and redis are up ({layout.home / 'logs'})")
+
+
+def start_broker(layout: StackLayout) -> int:
+    """The Kafka-protocol broker (in-memory storage: a restart loses every topic; the services cope)."""
+    port = layout.ports["broker"]
+    listener = f"tcp://127.0.0.1:{port}"
+    argv = [str(binaries.tansu()), "broker", "--listener-url", listener, "--advertised-listener-url", listener]
+    pid = processes.start(layout, "broker", [*argv, "--storage-engine", "memory://tansu/"])
+    processes.wait_for_port(port, 15, "broker", pid)
+    return pid
 
 
 def start_redis(layout: StackLayout) -> int:

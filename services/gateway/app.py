@@ -19,9 +19,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, status, topics
 from llmesh.common.apikeys import ApiKey, ApiKeyStore
-from llmesh.common.polling import AdaptivePolling
 from llmesh.common.registry import Registry, Route
-from llmesh.common.serving import InFlight, run_service
+from llmesh.common.serving import InFlight, KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
@@ -64,20 +63,19 @@ class Outcome:
     scenario: str = ""
 
 
-class GatewayService(gateway_pb2_grpc.GatewayServicer):
+class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
     name = "gateway"
 
     def __init__(self, settings: GatewaySettings) -> None:
-        self.settings = settings
+        super().__init__(settings)
+        self.settings: GatewaySettings = settings
         self.registry = Registry.from_url(settings.redis_url)
         self.keys = ApiKeyStore(self.registry.redis)
         self.quotas = Quotas(self.keys)
-        self.broker = kafka.make_broker(settings.kafka, f"llmesh-gateway-{settings.gateway_id}")
         self.reply_topic = topics.reply_topic(settings.gateway_id)
         self.pending = PendingReplies()
         self.records = InFlight(RECORDS_IN_FLIGHT)  # published after the answer left, off the client's path
         self.catalog = TokenizerCatalog(self.registry)
-        self.polling = AdaptivePolling(settings.kafka)
         options = kafka.consumer_options(settings.kafka, None, from_start=True)
         kafka.subscribe(self.broker, self.reply_topic, options, self.on_reply, self.polling)
         # Every gateway sees every status (no group) so that it loads a new version's tokenizer before the swap.
@@ -96,18 +94,15 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [KeyCheck(self.keys)] if self.settings.api_keys_required else []
 
-    async def start(self) -> None:
-        await kafka.ensure_topics(self.settings.kafka.bootstrap, {self.reply_topic: topics.REPLY_PARTITIONS})
-        await self.broker.start()
-        self.polling.start()
+    def extra_topics(self) -> dict[str, int]:
+        return {self.reply_topic: topics.REPLY_PARTITIONS}
 
     async def drain(self, timeout: float) -> None:
         """In-flight RPCs were drained by the gRPC server's grace period; their records go out now."""
         await self.records.drain(timeout)
 
     async def stop(self) -> None:
-        await self.polling.stop()
-        await self.broker.stop()
+        await super().stop()
         await self.registry.close()
 
     async def on_reply(self, msg: KafkaMessage) -> None:

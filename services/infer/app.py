@@ -75,7 +75,11 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             self.broker, topics.RELEASES, kafka.consumer_options(opts, None, from_start=True, control=True), self.on_release
         )
         kafka.subscribe(
-            self.broker, topics.INFER_REQUESTS, kafka.consumer_options(opts, topics.GROUP_INFER), self.on_request, self.polling
+            self.broker,
+            topics.INFER_REQUESTS,
+            kafka.consumer_options(opts, topics.GROUP_INFER, from_start=True),
+            self.on_request,
+            self.polling,
         )
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -84,13 +88,15 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         infer_pb2_grpc.add_InferServicer_to_server(self, server)
         return [infer_pb2.DESCRIPTOR.services_by_name["Infer"].full_name]
 
-    async def start(self) -> None:
-        await kafka.ensure_topics(self.settings.kafka.bootstrap)
+    def on_broker_lost(self) -> None:
+        self.supervisor.abandon()
+
+    async def prepare(self) -> None:
         await self.supervisor.start()
-        await self.broker.connect()
         await self.releases.restore()  # what the registry routes to is loaded before requests are consumed
-        await self.broker.start()
-        self.polling.start()
+
+    async def start(self) -> None:
+        await super().start()
         await self.leases.start(self._requeue, self._unavailable)
 
     async def stop(self) -> None:

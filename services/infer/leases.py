@@ -90,6 +90,7 @@ class ReplicaLeases:
         self._loop: asyncio.Task[None] | None = None
 
     async def start(self, requeue: Requeue, unavailable: Unavailable) -> None:
+        await self._take_over(self.replica, requeue, unavailable)  # left by this replica before it started afresh
         await self._beat()
         await self.redis.sadd(REPLICAS, self.replica)
         self._loop = asyncio.create_task(self._keep_alive(requeue, unavailable))

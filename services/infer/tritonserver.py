@@ -76,6 +76,11 @@ class TritonSupervisor:
                 os.killpg(process.pid, signal.SIGKILL)
                 await process.wait()
 
+    def abandon(self) -> None:
+        """This process is about to start afresh: let its tritonserver go (the new one starts its own)."""
+        if self._process is not None and self._process.returncode is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+
     async def _spawn(self) -> None:
         self._process = await asyncio.create_subprocess_exec(
             *self.command,

@@ -39,7 +39,7 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
         kafka.subscribe(
             self.broker,
             topics.GENERATE_REQUESTS,
-            kafka.consumer_options(opts, topics.GROUP_TOKENIZE),
+            kafka.consumer_options(opts, topics.GROUP_TOKENIZE, from_start=True),
             self.on_generate,
             self.polling,
         )

@@ -12,9 +12,9 @@ import pytest
 
 from llmesh.loadgen import GatewayLoad, LoadRun
 from llmesh.stack import processes, stack
-from llmesh.stack.layout import StackLayout
+from llmesh.stack.layout import SERVICES, StackLayout
 from llmesh.v1 import gateway_pb2, infer_pb2, infer_pb2_grpc
-from tests.e2e.restarts import restart
+from tests.e2e.restarts import restart, wait_until_serving
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 20.0
@@ -109,3 +109,22 @@ def test_kill_9_of_an_infer_replica_mid_load_its_requests_finish_on_the_other_or
     finally:
         processes.stop(mesh, "infer-2")
         restart(mesh, "infer")
+
+
+def test_broker_stop_and_restart_services_start_afresh_and_requests_fail_fast_meanwhile(mesh):
+    pids = {name: processes.pid_of(mesh, name) for name in SERVICES}
+    with load(mesh) as during:
+        time.sleep(1)
+        assert processes.stop(mesh, "broker")
+        time.sleep(3)
+        stack.start_broker(mesh)
+        back_s = wait_until_answered(during.run, since=time.monotonic())
+    codes = outcomes(during.run)
+    print(f"broker stop + start (all topics lost): answered again {back_s:.1f}s after the restart; outcomes {dict(codes)}")
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert codes["UNAVAILABLE"], "requests during the outage fail fast with UNAVAILABLE"
+    assert max(s.latency_ms for s in during.run.errors) < 6000, "outage errors come fast"
+    assert {name: processes.pid_of(mesh, name) for name in SERVICES} == pids, "the services restarted in place"
+    for name in SERVICES:
+        wait_until_serving(mesh, name)
+    assert_all_answered(mesh)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
 
+from llmesh.common.tasks import cancel
+
 log = logging.getLogger("llmesh.brokerwatch")
 BROKER_UP = Gauge("llmesh_broker_up", "1 while the Kafka broker accepts connections")
 LOST = Counter("llmesh_broker_lost_total", "Times the Kafka broker stopped accepting connections")
@@ -57,10 +59,7 @@ class BrokerWatch:
         self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def _watch(self) -> None:
         misses = 0

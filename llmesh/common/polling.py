@@ -15,11 +15,11 @@ attribute (`Fetcher._fetch_max_wait_ms`, aiokafka 0.14), checked by tests/unit/t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
 from llmesh.common.settings import KafkaSettings
+from llmesh.common.tasks import cancel
 
 
 class AdaptivePolling:
@@ -46,11 +46,8 @@ class AdaptivePolling:
             self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _watch(self) -> None:
         while True:

@@ -4,7 +4,6 @@ the same request, scores them, and applies the promotion policy to shadow and ca
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from llmesh.common.registry import Registry
 from llmesh.common.scoring import Embedder, score_pair
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
+from llmesh.common.tasks import cancel
 from llmesh.v1 import eval_pb2, eval_pb2_grpc, events_pb2
 from services.eval.pairs import LATE, CandidateScores, PairJoin, Side
 from services.eval.policy import PromotionPolicy, Verdict, judge
@@ -83,10 +83,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         self._loop = asyncio.create_task(self._policy_loop())
 
     async def stop(self) -> None:
-        if self._loop:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await cancel(self._loop)
         await super().stop()
         self.scoring_pool.shutdown(wait=False, cancel_futures=True)
         await self.registry.close()

@@ -89,7 +89,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         return [infer_pb2.DESCRIPTOR.services_by_name["Infer"].full_name]
 
     def on_broker_lost(self) -> None:
-        self.supervisor.abandon()
+        self.supervisor.keep_across_fresh_start()
 
     async def prepare(self) -> None:
         await self.supervisor.start()

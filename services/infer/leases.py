@@ -27,6 +27,7 @@ import redis.asyncio as redis
 from prometheus_client import Counter
 
 from llmesh.common.outages import REDIS_ERRORS
+from llmesh.common.tasks import cancel
 from llmesh.v1 import events_pb2
 
 log = logging.getLogger("llmesh.infer.leases")
@@ -97,10 +98,7 @@ class ReplicaLeases:
 
     async def stop(self) -> None:
         """After the drain: nothing is leased any more; the heartbeat goes so no one waits for it."""
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await cancel(self._loop)
         with contextlib.suppress(redis.RedisError):
             await self.redis.delete(heartbeat_key(self.replica))
             await self.redis.srem(REPLICAS, self.replica)

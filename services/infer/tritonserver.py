@@ -1,21 +1,23 @@
 """Keeps this replica's Triton serving. Given a command line, infer runs tritonserver itself: it
-starts it before serving, starts it again when it dies, and stops it after draining. Either way
-(its own process or a sidecar that something else restarts), after any Triton outage it loads
-again every version this replica serves."""
+starts it before serving, starts it again when it dies, keeps it (and what it has loaded) when
+infer starts afresh after losing the broker, and stops it after draining. Either way (its own
+process or a sidecar that something else restarts), after any Triton outage it loads again every
+version this replica serves."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter, Gauge
 
+from llmesh.common.tasks import cancel
 from services.infer.triton import TritonGenerator
 
 log = logging.getLogger("llmesh.infer.tritonserver")
@@ -23,6 +25,8 @@ RESTARTS = Counter("llmesh_infer_triton_restarts_total", "Times infer started it
 OUTAGES = Counter("llmesh_infer_triton_outages_total", "Times Triton stopped answering (crash, restart, sidecar gone)")
 TRITON_UP = Gauge("llmesh_infer_triton_up", "1 while Triton answers and serves every version this replica serves")
 PR_SET_PDEATHSIG = 1
+KEPT_PID = "LLMESH_KEPT_TRITON_PID"  # handed from a process to itself across exec
+STOP_TIMEOUT_S = 20.0
 
 
 def _die_with_parent() -> None:
@@ -44,55 +48,60 @@ class TritonSupervisor:
         self.triton, self.command, self.env, self.reload = triton, command, env, reload
         self.period_s, self.start_timeout_s = period_s, start_timeout_s
         self.up = False
-        self._process: asyncio.subprocess.Process | None = None
+        self._pid: int | None = None  # the tritonserver this process runs
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start tritonserver (when infer runs it) and wait until it answers; then watch it."""
-        if self.command:
-            await self._spawn()
+        """Start tritonserver (when infer runs it, unless it kept one across a fresh start) and wait
+        until it answers; then watch it."""
+        self._pid = _kept_pid()
         deadline = time.monotonic() + self.start_timeout_s
         while not await self.triton.is_live():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Triton at {self.triton.url} is not live after {self.start_timeout_s:.0f}s")
-            if self._exited():
-                await asyncio.sleep(self.period_s)  # e.g. its port is still held by the one before: try again
-                await self._spawn()
-            await asyncio.sleep(0.1)
+            if self.command and not self._running():
+                self._spawn()  # again, e.g. when the port was still held by the one before
+            await asyncio.sleep(self.period_s)
         self._set_up(True)
         self._watch = asyncio.create_task(self._keep_serving())
 
+    def keep_across_fresh_start(self) -> None:
+        """This process is about to run itself again (exec): the new one takes over this tritonserver
+        with what it has loaded, instead of starting and loading everything again."""
+        if self._running():
+            os.environ[KEPT_PID] = str(self._pid)
+
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-        process = self._process
-        if process is not None and process.returncode is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
+        await cancel(self._watch)
+        if self._pid is None or not self._running():
+            return
+        os.killpg(self._pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while self._running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self._running():
+            os.killpg(self._pid, signal.SIGKILL)
 
-    def abandon(self) -> None:
-        """This process is about to start afresh: let its tritonserver go (the new one starts its own)."""
-        if self._process is not None and self._process.returncode is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
-
-    async def _spawn(self) -> None:
-        self._process = await asyncio.create_subprocess_exec(
-            *self.command,
+    def _spawn(self) -> None:
+        process = subprocess.Popen(
+            self.command,
             env={**os.environ, **self.env},
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own group: infer's SIGTERM reaches it only after the drain
             preexec_fn=_die_with_parent,
         )
-        log.info("tritonserver started", extra={"pid": self._process.pid})
+        self._pid = process.pid
+        log.info("tritonserver started", extra={"pid": self._pid})
 
-    def _exited(self) -> bool:
-        return self._process is not None and self._process.returncode is not None
+    def _running(self) -> bool:
+        """Is our tritonserver alive? (Reaps it once it has exited.)"""
+        if self._pid is None:
+            return False
+        try:
+            pid, _ = os.waitpid(self._pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return pid == 0
 
     async def _keep_serving(self) -> None:
         while True:
@@ -103,15 +112,12 @@ class TritonSupervisor:
                 log.exception("Triton check failed")
 
     async def _check(self) -> None:
-        if self._exited():
-            assert self._process is not None
-            log.error("tritonserver died: starting it again", extra={"returncode": self._process.returncode})
-            self._set_up(False)
-            RESTARTS.inc()
-            await self._spawn()
-            return
         if not await self.triton.is_live():
             self._set_up(False)
+            if self.command and not self._running():
+                log.error("tritonserver died: starting it again", extra={"pid": self._pid})
+                RESTARTS.inc()
+                self._spawn()
         elif not self.up:
             await self.reload()
             self._set_up(True)
@@ -123,3 +129,15 @@ class TritonSupervisor:
             log.error("Triton stopped answering: requests get UNAVAILABLE until it is back")
         self.up = up
         TRITON_UP.set(1 if up else 0)
+
+
+def _kept_pid() -> int | None:
+    """The tritonserver this process ran before it started afresh, if it is still alive."""
+    kept = os.environ.pop(KEPT_PID, "")
+    if not kept.isdigit():
+        return None
+    try:
+        os.kill(int(kept), 0)
+    except OSError:
+        return None
+    return int(kept)

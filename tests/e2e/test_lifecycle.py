@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from llmesh.stack import processes
 from llmesh.stack.layout import StackLayout
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,9 @@ def test_up_then_down_leaves_nothing(tmp_path: Path, models_dir: Path):
     layout = StackLayout.load(home)
     assert layout is not None
     pids = [int(p.read_text()) for p in layout.pids.glob("*.pid")]
-    assert len(pids) == 7
+    assert len(pids) == 6, "broker, redis and the four services"
+    infer = processes.pid_of(layout, "infer")
+    assert infer is not None and processes.child_named(infer, "tritonserver"), "infer runs tritonserver"
     triton_stubs = [p for p in _stack_processes(home) if "triton_python_backend_stub" in p]
     assert triton_stubs, "the model should run in a Triton python stub process"
     down = subprocess.run([*cli, "down", "--home", str(home)], env=env, capture_output=True, text=True, timeout=120)

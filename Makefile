@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# kubectl (kustomize) renders deploy/k8s in the tests
+$(BIN)/kubectl: deploy/tools/install-kubectl.sh | $(STAMP)
+	deploy/tools/install-kubectl.sh $(BIN)
+
 demo: setup
 	$(BIN)/llmesh up
 	$(BIN)/llmesh generate "Return the number of items" --max-tokens 48 --seed 7
@@ -38,5 +42,5 @@ protos: setup
 unit: setup
 	$(BIN)/pytest tests/unit -q
 
-test: lint
+test: lint $(BIN)/kubectl
 	$(BIN)/pytest -q -rs --durations=10

@@ -1,0 +1,114 @@
+"""deploy/k8s: both overlays render with kustomize (kubectl), every core resource passes the
+Kubernetes schema strictly, and the manifests agree with the code (topics, groups, ports, probes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from llmesh.common import topics
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s"
+KUBERNETES = "1.31"
+CUSTOM = {"KafkaTopic", "ScaledObject", "PodMonitor"}  # CRDs of Strimzi, KEDA, prometheus-operator
+SERVICES = {"gateway": 50051, "tokenize": 50052, "infer": 50053, "eval": 50054}
+
+
+def kubectl() -> str:
+    """The kubectl that `make test` installs beside the interpreter (deploy/tools/install-kubectl.sh)."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    assert found, "kubectl is missing: run deploy/tools/install-kubectl.sh .venv/bin (make test does)"
+    return found
+
+
+@cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=True)
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def of_kind(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_every_core_resource_passes_the_kubernetes_schema_strictly(overlay):
+    docs = render(overlay)
+    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "NetworkPolicy"}
+    for doc in docs:
+        if doc["kind"] not in CUSTOM:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        assert doc["metadata"].get("namespace", "llmesh") == "llmesh"
+
+
+def test_a_misspelled_field_is_caught():
+    deployment = json.loads(json.dumps(of_kind(render("cpu"), "Deployment")["gateway"]))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readynessProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_each_service_has_grpc_probes_a_service_a_disruption_budget_and_runs_as_non_root(overlay):
+    docs = render(overlay)
+    deployments, services, budgets = of_kind(docs, "Deployment"), of_kind(docs, "Service"), of_kind(docs, "PodDisruptionBudget")
+    assert set(deployments) == set(SERVICES)
+    for name, port in SERVICES.items():
+        pod = deployments[name]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert container[probe]["grpc"]["port"] == port, f"{name} {probe}"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["LLMESH_GRPC_PORT"] == str(port)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["terminationGracePeriodSeconds"] > 30, "longer than the drain (LLMESH_DRAIN_SECONDS)"
+        assert {p["port"] for p in services[name]["spec"]["ports"]} >= {port}
+        assert budgets[name]["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
+
+
+def test_the_kafka_topics_are_the_meshs_topics():
+    declared = {
+        t["spec"]["topicName"]: (t["spec"]["partitions"], t["spec"]["config"].get("cleanup.policy") == "compact")
+        for t in of_kind(render("cpu"), "KafkaTopic").values()
+    }
+    assert declared == {t.name: (t.partitions, t.compacted) for t in topics.TOPICS}
+
+
+def test_autoscaling_follows_the_lag_of_the_consumer_groups_the_code_uses():
+    scaled = of_kind(render("cpu"), "ScaledObject")
+    triggers = {name: s["spec"]["triggers"][0]["metadata"] for name, s in scaled.items()}
+    assert triggers["infer"]["consumerGroup"] == topics.GROUP_INFER
+    assert triggers["infer"]["topic"] == topics.INFER_REQUESTS
+    assert triggers["tokenize"]["consumerGroup"] == topics.GROUP_TOKENIZE
+    assert triggers["tokenize"]["topic"] == topics.GENERATE_REQUESTS
+
+
+def test_only_the_gpu_overlay_asks_for_a_gpu():
+    for overlay, kind in (("cpu", "KIND_CPU"), ("gpu", "KIND_GPU")):
+        infer = of_kind(render(overlay), "Deployment")["infer"]["spec"]["template"]["spec"]
+        container = infer["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["LLMESH_INSTANCE_KIND"] == kind
+        assert json.loads(env["LLMESH_TRITON_COMMAND"])[0] == "tritonserver", "infer runs and supervises Triton"
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+        assert gpus == ("1" if overlay == "gpu" else None)
+        assert ("nodeSelector" in infer) == (overlay == "gpu")
+
+
+def test_the_dashboard_shows_what_operators_watch():
+    dashboard = of_kind(render("cpu"), "ConfigMap")
+    (data,) = [d["data"]["llmesh-dashboard.json"] for name, d in dashboard.items() if name.startswith("llmesh-grafana-dashboard")]
+    titles = " ".join(p["title"].lower() for p in json.loads(data)["panels"])
+    for what in ("latency", "throughput", "error", "tokens", "lag", "swaps", "shadow agreement"):
+        assert what in titles

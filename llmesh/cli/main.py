@@ -250,6 +250,15 @@ def rollback(
         raise typer.Exit(1)
 
 
+@app.command()
+def health(address: Annotated[str, typer.Argument(help="host:port of a service's gRPC server")] = "127.0.0.1:50051") -> None:
+    """gRPC health of one service; exit 0 only when SERVING (container health checks)."""
+    state = client.health_status(address)
+    console.print(state)
+    if state != "SERVING":
+        raise typer.Exit(1)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(ctx: typer.Context, service: Annotated[str, typer.Argument(help="gateway, tokenize, infer or eval")]) -> None:
     """Run one service in the foreground (settings from flags and LLMESH_* variables)."""

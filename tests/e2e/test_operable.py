@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.request
 
 import grpc
@@ -29,6 +31,16 @@ def test_health_reflection_and_metrics(mesh, service):
     with urllib.request.urlopen(f"http://127.0.0.1:{mesh.ports[service + '_metrics']}/metrics", timeout=10) as response:
         body = response.read().decode()
     assert response.status == 200 and "process_resident_memory_bytes" in body
+
+
+def test_the_container_health_check_command_exits_0_only_when_serving(mesh):
+    def health(address: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "llmesh.cli", "health", address], capture_output=True, text=True, timeout=30)
+
+    serving = health(mesh.address("gateway"))
+    assert (serving.returncode, serving.stdout.strip()) == (0, "SERVING")
+    nobody = health("127.0.0.1:1")
+    assert (nobody.returncode, nobody.stdout.strip()) == (1, "UNREACHABLE")
 
 
 def test_service_apis_answer(mesh, gateway):

@@ -51,7 +51,6 @@ async def wait_until_reachable(bootstrap: str, period_s: float = 0.5) -> None:
 class BrokerWatch:
     def __init__(self, bootstrap: str, on_lost: Callable[[], None], period_s: float = 0.5) -> None:
         self.bootstrap, self.on_lost, self.period_s = bootstrap, on_lost, period_s
-        self.up = True
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -66,7 +65,6 @@ class BrokerWatch:
         while misses < 2:  # two misses in a row: one could be a moment's backlog
             await asyncio.sleep(self.period_s)
             misses = 0 if await reachable(self.bootstrap) else misses + 1
-        self.up = False
         BROKER_UP.set(0)
         LOST.inc()
         log.error("the Kafka broker is unreachable", extra={"bootstrap": self.bootstrap})

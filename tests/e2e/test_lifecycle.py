@@ -35,16 +35,18 @@ def test_up_then_down_leaves_nothing(tmp_path: Path, models_dir: Path):
     env = {**os.environ, "LLMESH_MODELS_DIR": str(models_dir)}
     cli = [sys.executable, "-m", "llmesh.cli"]
     up = subprocess.run([*cli, "up", "--home", str(home), "--free-ports"], env=env, capture_output=True, text=True, timeout=600)
-    assert up.returncode == 0, up.stdout + up.stderr
-    layout = StackLayout.load(home)
-    assert layout is not None
-    pids = [int(p.read_text()) for p in layout.pids.glob("*.pid")]
-    assert len(pids) == 6, "broker, redis and the four services"
-    infer = processes.pid_of(layout, "infer")
-    assert infer is not None and processes.child_named(infer, "tritonserver"), "infer runs tritonserver"
-    triton_stubs = [p for p in _stack_processes(home) if "triton_python_backend_stub" in p]
-    assert triton_stubs, "the model should run in a Triton python stub process"
-    down = subprocess.run([*cli, "down", "--home", str(home)], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        layout = StackLayout.load(home)
+        assert layout is not None
+        pids = [int(p.read_text()) for p in layout.pids.glob("*.pid")]
+        assert len(pids) == 6, "broker, redis and the four services"
+        infer = processes.pid_of(layout, "infer")
+        assert infer is not None and processes.child_named(infer, "tritonserver"), "infer runs tritonserver"
+        triton_stubs = [p for p in _stack_processes(home) if "triton_python_backend_stub" in p]
+        assert triton_stubs, "the model should run in a Triton python stub process"
+    finally:  # a failed check must not leave a stack running for the rest of the session
+        down = subprocess.run([*cli, "down", "--home", str(home)], env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert _stack_processes(home) == []

@@ -65,6 +65,13 @@ def plot_failed(ax: Any, run: LoadRun, t0: float) -> None:
         ax.scatter(xs, ys, s=20, marker="x", color="red", label="failed")
 
 
+def save(fig: Any, path: Path, dpi: int) -> None:
+    """Write a finished plot and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def pyplot() -> Any:
     import matplotlib
 

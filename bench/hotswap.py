@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import plot_failed, pyplot, summary
+from bench.common import plot_failed, pyplot, save, summary
 from llmesh import client
 from llmesh.loadgen import GatewayLoad, LoadRun, Sample, wait_for_primary
 from llmesh.stack.layout import StackLayout
@@ -62,9 +62,7 @@ def plot(run: LoadRun, published: float, flipped: float, path: Path) -> None:
     ax.set_ylabel("latency (ms)")
     ax.set_title("Hot swap under load: gateway latency per request")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def run_benchmark(

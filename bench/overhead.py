@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from bench.broker_rtt import round_trips
-from bench.common import PROMPT, pyplot, summary
+from bench.common import PROMPT, pyplot, save, summary
 from llmesh.common.settings import KafkaSettings
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc, tokenize_pb2, tokenize_pb2_grpc
@@ -147,6 +147,4 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("latency (ms)")
         ax.set_title(f"{size} new tokens: direct Triton vs gateway")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import pyplot
+from bench.common import pyplot, save
 from bench.process_stats import cpu_percent, rss_mb
 from llmesh.loadgen import GatewayLoad
 from llmesh.stack.layout import StackLayout
@@ -43,6 +43,4 @@ def plot(idle: dict[str, float], load: dict[str, float], path: Path) -> None:
     ax.set_ylabel("RSS (MB)")
     ax.set_title("Resident memory per process")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)

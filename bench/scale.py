@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import pyplot, summary
+from bench.common import pyplot, save, summary
 from bench.overhead import Paths, closed_loop, prompt_ids
 from llmesh.stack import processes, stack
 from llmesh.stack.layout import StackLayout
@@ -64,6 +64,4 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.bar(["1 infer replica", "2 infer replicas"], [result["one_replica"]["per_s"], result["two_replicas"]["per_s"]])
     ax.set_ylabel("requests per second")
     ax.set_title(f"Scale-out at concurrency {result['concurrency']} (ratio {result['throughput_ratio_2_vs_1']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import pyplot, summary
+from bench.common import pyplot, save, summary
 from llmesh import client
 from llmesh.common.events import ReleaseMode
 from llmesh.loadgen import GatewayLoad, LoadRun, wait_for_primary
@@ -108,6 +108,4 @@ def plot(runs: dict[str, LoadRun], path: Path) -> None:
     ax.set_xticks(range(1, len(runs) + 1), list(runs))
     ax.set_ylabel("primary latency (ms)")
     ax.set_title("Shadow cost: the client's latency with 0% and 100% mirroring")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import plot_failed, pyplot, summary
+from bench.common import plot_failed, pyplot, save, summary
 from bench.process_stats import rss_mb, stack_processes
 from llmesh import client
 from llmesh.common.events import ReleaseMode
@@ -117,6 +117,4 @@ def plot(run: LoadRun, events: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("latency (ms)")
     ax.set_title("Soak: fixed-rate load while candidates are shadowed and promoted")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import pyplot, summary
+from bench.common import pyplot, save, summary
 from bench.overhead import MODEL, VERSION, Paths, prompt_ids
 from llmesh.stack.layout import StackLayout
 from services.infer.repository import triton_name
@@ -82,6 +82,4 @@ def plot(samples: dict[str, list[tuple[float, float]]], path: Path) -> None:
     b.set_xticks(range(1, len(names) + 1), names)
     b.set_ylabel("inter-token latency (ms)")
     fig.suptitle(f"Streaming: direct Triton vs gateway (median ITL {statistics.median(i for _, i in samples['gateway']):.1f} ms)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)

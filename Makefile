@@ -42,5 +42,7 @@ protos: setup
 unit: setup
 	$(BIN)/pytest tests/unit -q
 
+# the container tests (tests/container) need a Docker engine: this starts one where it can
 test: lint $(BIN)/kubectl
+	deploy/tools/docker-engine.sh
 	$(BIN)/pytest -q -rs --durations=10

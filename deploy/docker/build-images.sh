@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TAG=${TAG:-0.1.0}
-DOCKER=${DOCKER:-docker}
+# Debian's docker client (with BuildKit) where present; a newer client without buildx cannot build
+DOCKER=${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}
 here=deploy/docker
 export DOCKER_BUILDKIT=1
 

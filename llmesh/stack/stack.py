@@ -21,15 +21,15 @@ Report = Callable[[str], None]
 STOP_ORDER = ("gateway", "tokenize", "eval", "infer", "redis", "broker")  # infer stops its tritonserver
 
 
-def demo_model_dir(layout: StackLayout, version: int) -> Path:
-    return layout.models_dir / f"{DEMO_MODEL}-v{version}"
+def demo_model_dir(models_dir: Path, version: int) -> Path:
+    return models_dir / f"{DEMO_MODEL}-v{version}"
 
 
-def ensure_demo_models(layout: StackLayout, report: Report) -> None:
+def ensure_demo_models(models_dir: Path, report: Report) -> None:
     from llmesh.lm.build import DEMO_RECIPES, build_model  # torch: imported only when needed
 
     for version, recipe in DEMO_RECIPES.items():
-        target = demo_model_dir(layout, version)
+        target = demo_model_dir(models_dir, version)
         if (target / "model.safetensors").exists():
             continue
         report(f"building demo model {DEMO_MODEL} v{version} (CPU, about a minute)")
@@ -168,7 +168,7 @@ async def _publish_first_release(layout: StackLayout, report: Report, timeout: f
         primary = await registry.primary(DEMO_MODEL)
         if not primary:
             event = client.release_for(
-                DEMO_MODEL, 1, demo_model_dir(layout, 1), label="demo-v1", author="llmesh up", reason="first release"
+                DEMO_MODEL, 1, demo_model_dir(layout.models_dir, 1), label="demo-v1", author="llmesh up", reason="first release"
             )
             await client.publish_release(layout.address("broker"), event)
             report(f"published release {DEMO_MODEL} v1; waiting for infer to load it in Triton")
@@ -192,7 +192,7 @@ def up(home: Path, report: Report, *, free_ports: bool = False, models_dir: Path
         raise processes.StartFailed(f"a stack is already running from {home} ({', '.join(running(existing))}); run llmesh down")
     layout = StackLayout.create(home, free_ports=free_ports, models_dir=models_dir)
     layout.save()
-    ensure_demo_models(layout, report)
+    ensure_demo_models(layout.models_dir, report)
     try:
         _start_infrastructure(layout, report)
         asyncio.run(kafka.ensure_topics(layout.address("broker")))

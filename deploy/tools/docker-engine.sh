@@ -20,8 +20,8 @@ if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
   fi
   echo "docker-engine: installing docker.io and debootstrap"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null && apt-get install -y -qq docker.io debootstrap >/dev/null || {
-    echo "docker-engine: apt-get could not install docker.io"; exit 0; }
+  { apt-get update -qq && apt-get install -y -qq docker.io debootstrap; } >"$log" 2>&1 || {
+    echo "docker-engine: apt-get could not install docker.io"; tail -5 "$log"; exit 0; }
 fi
 echo "docker-engine: starting dockerd (log: $log)"
 nohup dockerd >"$log" 2>&1 &

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds every llmesh image locally: llmesh/runtime, then llmesh/{gateway,tokenize,infer,eval}.
+# Builds every llmesh image locally: the runtimes (llmesh/runtime, and llmesh/runtime-infer and
+# llmesh/runtime-eval with torch), then llmesh/{gateway,tokenize,infer,eval} on top of them.
 # With no image registry reachable, it first builds the base the Dockerfiles name
 # (python:3.11-slim-bookworm) from Debian's packages, so the Dockerfiles stay standard.
 # Python packages are downloaded on the host into a wheelhouse and installed offline in the build.
@@ -26,9 +27,12 @@ if ! has_image python:3.11-slim-bookworm && ! "$DOCKER" pull -q python:3.11-slim
   "$DOCKER" build -q --network=host -t python:3.11-slim-bookworm -f $here/base/python.Dockerfile $here/base
 fi
 
-python3 -m pip download -q --disable-pip-version-check -d $here/wheels . setuptools wheel 2>&1 \
+python3 -m pip download -q --disable-pip-version-check -d $here/wheels '.[all]' setuptools wheel 2>&1 \
   | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 "$DOCKER" build -q --network=none -t llmesh/runtime:$TAG -f $here/runtime.Dockerfile .
+for extra in infer eval; do
+  "$DOCKER" build -q --network=none --build-arg EXTRAS=$extra -t llmesh/runtime-$extra:$TAG -f $here/runtime.Dockerfile .
+done
 for service in gateway tokenize infer eval; do
   "$DOCKER" build -q --network=none -t llmesh/$service:$TAG -f $here/$service.Dockerfile $here
 done

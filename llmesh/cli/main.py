@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import re
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -265,7 +267,23 @@ def serve(ctx: typer.Context, service: Annotated[str, typer.Argument(help="gatew
     if service not in SERVICES:
         err_console.print(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
         raise typer.Exit(2)
+    if missing := _missing_requirements(service):  # a core-only install runs gateway and tokenize
+        err_console.print(f"{service} needs {', '.join(missing)}: pip install 'llmesh[{service}]'", markup=False)
+        raise typer.Exit(2)
     raise typer.Exit(importlib.import_module(f"services.{service}.app").main(ctx.args))
+
+
+def _missing_requirements(extra: str) -> list[str]:
+    """The packages of llmesh's optional dependencies `extra` that are not installed."""
+    wanted = [r for r in metadata.requires("llmesh") or [] if f'extra == "{extra}"' in r]
+    missing = []
+    for requirement in wanted:
+        name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0]
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
 
 
 def main() -> None:

@@ -34,6 +34,6 @@ for extra in infer eval; do
   "$DOCKER" build -q --network=none --build-arg EXTRAS=$extra -t llmesh/runtime-$extra:$TAG -f $here/runtime.Dockerfile .
 done
 for service in gateway tokenize infer eval; do
-  "$DOCKER" build -q --network=none -t llmesh/$service:$TAG -f $here/$service.Dockerfile $here
+  "$DOCKER" build -q --network=none --build-arg TAG=$TAG -t llmesh/$service:$TAG -f $here/$service.Dockerfile $here
 done
 "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' 'llmesh/*'

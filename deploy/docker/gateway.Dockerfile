@@ -1,5 +1,6 @@
 # llmesh gateway: the public gRPC API.
-FROM llmesh/runtime:0.1.0
+ARG TAG=0.1.0
+FROM llmesh/runtime:${TAG}
 ENV LLMESH_GRPC_PORT=50051 LLMESH_METRICS_PORT=9101
 EXPOSE 50051 9101
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 CMD ["llmesh", "health", "127.0.0.1:50051"]

@@ -1,7 +1,8 @@
 # llmesh infer with tritonserver inside the same container: infer runs it (LLMESH_TRITON_COMMAND),
 # restarts it if it dies and reloads what it serves. tritonserver 2.51 and its python backend come
 # from the nvidia-pytriton wheel in the runtime (CPU here; on GPU nodes with the NVIDIA runtime).
-FROM llmesh/runtime-infer:0.1.0
+ARG TAG=0.1.0
+FROM llmesh/runtime-infer:${TAG}
 USER root
 RUN BACKENDS=/opt/triton/backends/python \
  && SITE=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \

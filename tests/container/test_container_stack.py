@@ -3,6 +3,7 @@ candidate evaluated and promoted. Runs in file order (each test starts from the 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -77,3 +78,24 @@ def _wait_for_state(
         assert not record or record.state != common_pb2.VERSION_STATE_FAILED, f"v{version} refused: {record.reason}"
         assert time.monotonic() < deadline, f"v{version} not {common_pb2.VersionState.Name(state)} after {timeout}s: {record}"
         time.sleep(0.1)
+
+
+def test_docker_stop_finishes_the_stream_in_flight_and_every_service_exits_0(
+    container_mesh: ContainerMesh, gateway: gateway_pb2_grpc.GatewayStub
+) -> None:
+    request = gateway_pb2.GenerateRequest(
+        model=MODEL, prompt="This module provides", sampling=common_pb2.SamplingParams(max_tokens=64, seed=3)
+    )
+    stream = gateway.GenerateStream(request, timeout=60)
+    chunks = [next(stream)]
+    stopping = threading.Thread(target=container_mesh.containers["gateway"].get_wrapped_container().stop, kwargs={"timeout": 40})
+    stopping.start()  # SIGTERM to the gateway (PID 1 of its container) while the answer streams
+    chunks += list(stream)
+    stopping.join()
+    assert chunks[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and {c.version for c in chunks} == {3}
+    exits = {}
+    for name in ("gateway", "tokenize", "eval", "infer"):
+        container = container_mesh.containers[name].get_wrapped_container()
+        container.stop(timeout=40)
+        exits[name] = container.wait(timeout=5)["StatusCode"]
+    assert exits == dict.fromkeys(exits, 0), exits

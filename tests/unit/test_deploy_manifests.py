@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def test_each_service_has_grpc_probes_a_service_a_disruption_budget_and_runs_as_
     for name, port in SERVICES.items():
         pod = deployments[name]["spec"]["template"]["spec"]
         container = pod["containers"][0]
+        assert container["image"] == f"llmesh/{name}:{metadata.version('llmesh')}", "the image build-images.sh makes"
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             assert container[probe]["grpc"]["port"] == port, f"{name} {probe}"
         env = {e["name"]: e.get("value") for e in container["env"]}

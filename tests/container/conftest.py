@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import docker
@@ -33,17 +34,11 @@ from llmesh.v1 import gateway_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = Path(__file__).resolve().parent / "images"
-TAG = "0.1.0"
+TAG = metadata.version("llmesh")  # the tag build-images.sh gives the images of this version
 BROKER_IMAGE = "llmesh-test/broker:tansu-0.6.0"
 REDIS_IMAGE = "llmesh-test/redis:7"
 GRPC_PORTS = {"eval": 50054, "tokenize": 50052, "infer": 50053, "gateway": 50051}  # start order: gateway last
 RELEASE_KEY = "container-release-key"
-
-
-def _docker_cli() -> str:
-    cli = shutil.which("/usr/bin/docker") or shutil.which("docker")
-    assert cli, "no docker client"
-    return cli
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +65,8 @@ def images(docker_engine: docker.DockerClient) -> dict[str, float]:
         shutil.copy(binaries.tansu(), Path(context) / "tansu")
         for image, dockerfile, network in ((BROKER_IMAGE, "broker", "none"), (REDIS_IMAGE, "redis", "host")):
             started = time.monotonic()
-            build = [_docker_cli(), "build", "-q", f"--network={network}", "-t", image, "-f", IMAGES / f"{dockerfile}.Dockerfile"]
-            subprocess.run([*map(str, build), context], check=True, env=os.environ | {"DOCKER_BUILDKIT": "1"})
+            dockerfile_path = str(IMAGES / f"{dockerfile}.Dockerfile")
+            docker_engine.images.build(path=context, dockerfile=dockerfile_path, tag=image, network_mode=network, rm=True)
             timings[image] = time.monotonic() - started
     print("image builds (s):", {name: round(seconds, 1) for name, seconds in timings.items()})
     return timings

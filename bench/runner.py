@@ -45,6 +45,8 @@ def run(names: list[str], out: Path, quick: bool, models_dir: Path, say: Callabl
                 stack.down(home, say)
                 layout = None
             if layout is None:
+                # the soak measures memory growth: eval's embedding model is loaded before, not during it
+                os.environ["LLMESH_PRELOAD_EMBEDDER"] = "true" if name == "soak" else "false"
                 layout = stack.up(home, say, free_ports=True, models_dir=models_dir)
             say(f"benchmark {name} ...")
             started = time.perf_counter()

@@ -59,11 +59,12 @@ def _layout(home: Path) -> StackLayout:
 def up(
     home: HomeOpt = Path(".llmesh"),
     free_ports: Annotated[bool, typer.Option(help="pick free ports instead of the defaults")] = False,
+    infer_replicas: Annotated[int, typer.Option(min=1, help="infer replicas, each with its own tritonserver")] = 1,
 ) -> None:
     """Start broker, Redis and the four services (infer runs tritonserver); serve the demo model."""
     started = time.perf_counter()
     try:
-        layout = stack.up(home.resolve(), _say, free_ports=free_ports)
+        layout = stack.up(home.resolve(), _say, free_ports=free_ports, infer_replicas=infer_replicas)
     except processes.StartFailed as err:
         err_console.print(f"[red]llmesh up failed:[/] {err}")
         raise typer.Exit(1) from err
@@ -75,6 +76,25 @@ def up(
 def down(home: HomeOpt = Path(".llmesh")) -> None:
     """Stop every process of the stack."""
     stack.down(home.resolve(), _say)
+
+
+@app.command()
+def scale(
+    service: Annotated[str, typer.Argument(help="the service to scale: infer")],
+    replicas: Annotated[int, typer.Argument(min=1, help="how many replicas to run")],
+    home: HomeOpt = Path(".llmesh"),
+) -> None:
+    """Run N replicas of infer on a running stack: new ones load the desired set before taking requests."""
+    if service != "infer":
+        err_console.print(f"[red]only infer scales in the embedded stack[/], not {service!r}")
+        raise typer.Exit(2)
+    layout = _layout(home)
+    try:
+        stack.scale_infer(layout, replicas, _say)
+    except processes.StartFailed as err:
+        err_console.print(f"[red]llmesh scale failed:[/] {err}")
+        raise typer.Exit(1) from err
+    _print_status(layout)
 
 
 @app.command()
@@ -95,6 +115,10 @@ def _print_status(layout: StackLayout) -> None:
         health = client.health_status(layout.address(name)) if name in SERVICES else ("running" if pid else "stopped")
         metrics = f"http://127.0.0.1:{layout.ports[name + '_metrics']}/metrics" if name in SERVICES else ""
         table.add_row(name, str(pid or "-"), f"127.0.0.1:{port}", health, metrics)
+    for name, ports in stack.extra_replicas(layout).items():
+        address, pid = f"127.0.0.1:{ports['grpc']}", processes.pid_of(layout, name)
+        health = client.health_status(address) if pid else "stopped"
+        table.add_row(name, str(pid or "-"), address, health, f"http://127.0.0.1:{ports['metrics']}/metrics")
     console.print(table)
     console.print(f"logs: {layout.logs}")
 

@@ -94,11 +94,15 @@ class ReleaseEvent(BaseModel):
         data = self.model_dump(exclude={"mode"})
         return events_pb2.ReleaseEvent(**data, mode=events_pb2.ReleaseMode.Value(f"RELEASE_MODE_{self.mode.name}"))
 
+    def content_digest(self) -> str:
+        """The version's identity by content: sha256 over every artifact's name and sha256."""
+        return content_digest(self.sha256)
+
     @classmethod
-    def from_proto(cls, msg: events_pb2.ReleaseEvent) -> ReleaseEvent:
+    def from_proto(cls, msg: events_pb2.ReleaseEvent, derived_id: str = "") -> ReleaseEvent:
         mode = events_pb2.ReleaseMode.Name(msg.mode).removeprefix("RELEASE_MODE_").lower()
         return cls(
-            event_id=msg.event_id,
+            event_id=msg.event_id or derived_id or uuid.uuid4().hex,
             model=msg.model,
             version=msg.version,
             label=msg.label,
@@ -109,24 +113,44 @@ class ReleaseEvent(BaseModel):
             author=msg.author,
             reason=msg.reason,
             signature=msg.signature,
-            created_at=msg.created_at or time.time(),
+            created_at=msg.created_at or (0.0 if derived_id else time.time()),
         )
 
     @classmethod
-    def parse(cls, payload: bytes, content_type: str) -> ReleaseEvent:
-        """Decode a release event from either wire form; raise InvalidEvent with the reason."""
+    def parse(cls, payload: bytes, content_type: str, place: str = "") -> ReleaseEvent:
+        """Decode a release event from either wire form; raise InvalidEvent with the reason.
+
+        An event read from the log (`place`: its topic, partition and offset) that carries no
+        `event_id` gets one derived from its bytes and place, and `created_at` 0 when absent: the
+        same message always parses to the same event, so a replay is recognised as one."""
+        derived_id = f"derived-{hashlib.sha256(payload + place.encode()).hexdigest()[:40]}" if place else ""
         try:
             if content_type == topics.CONTENT_TYPE_PROTOBUF:
-                return cls.from_proto(events_pb2.ReleaseEvent.FromString(payload))
-            return cls.model_validate_json(payload)
+                return cls.from_proto(events_pb2.ReleaseEvent.FromString(payload), derived_id)
+            try:
+                data = json.loads(payload)
+            except ValueError as err:
+                raise InvalidEvent(f"invalid release event: not JSON ({err})") from err
+            if derived_id and isinstance(data, dict):
+                data.setdefault("event_id", derived_id)
+                data.setdefault("created_at", 0.0)
+            return cls.model_validate(data)
         except ValidationError as err:
             raise InvalidEvent(f"invalid release event: {_summarize(err)}") from err
+        except InvalidEvent:
+            raise
         except Exception as err:  # protobuf DecodeError and friends
             raise InvalidEvent(f"undecodable release event: {err}") from err
 
 
 def _summarize(err: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:5])
+
+
+def content_digest(sha256: dict[str, str]) -> str:
+    """One digest for a set of files: sha256 over the sorted `name sha256` lines."""
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(sha256.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -2,19 +2,23 @@
 
 Keys:
   llmesh:models                            set of model names
-  llmesh:model:{name}:routing              hash: primary, previous, candidate, candidate_mode, candidate_share, updated_at
+  llmesh:model:{name}:desired              JSON Routing: the roles the last applied release event asks for
+  llmesh:model:{name}:routing              hash: primary, previous, candidate, candidate_mode, candidate_share, updated_at,
+                                           flipped_at: the roles gateways route by, once every live infer replica is ready
   llmesh:model:{name}:versions             hash: version -> JSON VersionRecord
   llmesh:model:{name}:history              list of JSON history entries (newest last)
-  llmesh:model:{name}:tokenizers:{version} set of replicas (gateway, tokenize) that hold the version's tokenizer
-  llmesh:event:{event_id}                  the release-topic offset where the event was accepted
+  llmesh:tokenizer:{digest}                hash: tokenizer.json, config.json of a stored version (checked by sha256 on read)
+  llmesh:tokenizer:{digest}:holders        set of replicas (gateway, tokenize) that hold the version's tokenizer
+  llmesh:event:{event_id}                  "{offset} applied", or "{offset} applying {replica}" while one replica applies it
   llmesh:events:refused                    set of "{event_id}@{offset}" already refused (not refused twice on replay)
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
-from enum import Enum
+from dataclasses import asdict, dataclass
+from enum import Enum, StrEnum
 
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
@@ -28,7 +32,20 @@ from llmesh.v1 import common_pb2
 PREFIX = "llmesh"
 MODELS = f"{PREFIX}:models"
 REFUSED_EVENTS = f"{PREFIX}:events:refused"
-LIVE_STATES = ("SERVING", "READY", "DRAINING")  # loaded in Triton: requests pinned to them are answered
+TOKENIZER_FILES = ("tokenizer.json", "config.json")
+
+
+class VersionState(StrEnum):
+    STAGED = "STAGED"
+    LOADING = "LOADING"
+    READY = "READY"
+    SERVING = "SERVING"
+    DRAINING = "DRAINING"
+    RETIRED = "RETIRED"
+    FAILED = "FAILED"
+
+
+LIVE_STATES = (VersionState.SERVING, VersionState.READY, VersionState.DRAINING)  # requests pinned to them are answered
 
 
 def connect(url: str) -> redis.Redis:
@@ -52,30 +69,60 @@ def history_key(model: str) -> str:
     return f"{PREFIX}:model:{model}:history"
 
 
-def tokenizers_key(model: str, version: int) -> str:
-    return f"{PREFIX}:model:{model}:tokenizers:{version}"
+def desired_key(model: str) -> str:
+    return f"{PREFIX}:model:{model}:desired"
+
+
+def tokenizer_key(digest: str) -> str:
+    return f"{PREFIX}:tokenizer:{digest}"
+
+
+def holders_key(digest: str) -> str:
+    return f"{PREFIX}:tokenizer:{digest}:holders"
 
 
 def event_key(event_id: str) -> str:
     return f"{PREFIX}:event:{event_id}"
 
 
-# Make `version` the primary and remember the one it replaces, in one step.
-_ROUTE_TO = """
-local old = redis.call('HGET', KEYS[1], 'primary')
-if old and old ~= ARGV[1] then redis.call('HSET', KEYS[1], 'previous', old) end
-redis.call('HSET', KEYS[1], 'primary', ARGV[1], 'updated_at', ARGV[2])
-return old
+# Make ARGV[1] the primary if the primary is still ARGV[3] ('' for none), remembering the one it
+# replaces: of several replicas flipping at once, exactly one wins.
+_FLIP_PRIMARY = """
+local old = redis.call('HGET', KEYS[1], 'primary') or ''
+if old ~= ARGV[3] then return 0 end
+if old ~= '' and old ~= ARGV[1] then redis.call('HSET', KEYS[1], 'previous', old) end
+redis.call('HSET', KEYS[1], 'primary', ARGV[1], 'updated_at', ARGV[2], 'flipped_at', ARGV[2])
+return 1
+"""
+# Set (or with ARGV[1] '' clear) the candidate; 0 when it was so already.
+_SET_CANDIDATE = """
+local cur = redis.call('HMGET', KEYS[1], 'candidate', 'candidate_mode', 'candidate_share')
+if ARGV[1] == '' then
+  if not cur[1] then return 0 end
+  redis.call('HDEL', KEYS[1], 'candidate', 'candidate_mode', 'candidate_share')
+else
+  if cur[1] == ARGV[1] and cur[2] == ARGV[2] and cur[3] == ARGV[3] then return 0 end
+  redis.call('HSET', KEYS[1], 'candidate', ARGV[1], 'candidate_mode', ARGV[2], 'candidate_share', ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
+return 1
+"""
+# Claim an event for this replica: NEW, or what holds it ("{offset} applied" / "{offset} applying {replica}").
+_CLAIM_EVENT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'new' end
+return redis.call('GET', KEYS[1]) or 'gone'
 """
 
 
 class VersionRecord(BaseModel):
     version: int
-    state: str = "STAGED"  # a VersionState name without its prefix
+    state: VersionState = VersionState.STAGED
     label: str = ""
-    artifact_uri: str = ""
+    artifact_uri: str = ""  # where the operator's release found the artifacts (provenance; never read again)
     sha256: dict[str, str] = Field(default_factory=dict)
+    digest: str = ""  # content digest of `sha256`: the version's folder in the model store
     event_id: str = ""
+    author: str = ""
     reason: str = ""
     updated_at: float = 0.0
 
@@ -104,15 +151,25 @@ class Routing:
     candidate_mode: str = ""  # "shadow" (mirrored, never answers clients) or "canary" (answers a share)
     candidate_share: int = 0  # percent of requests mirrored (shadow) or served (canary)
     updated_at: float = 0.0
+    flipped_at: float = 0.0  # the last change of primary
 
     def needed(self) -> set[int]:
         """Versions that must stay loaded: primary, previous (instant rollback) and candidate."""
         return {v for v in (self.primary, self.previous, self.candidate) if v}
 
+    def dumps(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def loads(cls, raw: str) -> Routing:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
 
 class EventClaim(Enum):
     NEW = "new"  # first time this event id is seen: apply it
-    REPLAY = "replay"  # the same message read again (a restart): already applied
+    REPLAY = "replay"  # the same message read again (a restart, another replica): already applied
+    APPLYING = "applying"  # another replica is applying this very message now: wait for it
     DUPLICATE = "duplicate"  # another message with an event id already applied: refuse
 
 
@@ -121,7 +178,9 @@ class Registry:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self._route_to = client.register_script(_ROUTE_TO)
+        self._flip_primary = client.register_script(_FLIP_PRIMARY)
+        self._set_candidate = client.register_script(_SET_CANDIDATE)
+        self._claim_event = client.register_script(_CLAIM_EVENT)
 
     @classmethod
     def from_url(cls, url: str) -> Registry:
@@ -150,7 +209,22 @@ class Registry:
             candidate_mode=str(raw.get("candidate_mode", "")),
             candidate_share=int(raw.get("candidate_share", 0)),
             updated_at=float(raw.get("updated_at", 0)),
+            flipped_at=float(raw.get("flipped_at", 0)),
         )
+
+    async def desired(self, model: str) -> Routing:
+        """The roles the release events ask for (the routing itself until an event set them)."""
+        raw = await self.redis.get(desired_key(model))
+        return Routing.loads(str(raw)) if raw else await self.routing(model)
+
+    async def commit(self, model: str, desired: Routing, record: VersionRecord | None = None) -> None:
+        """Write the desired roles of `model` (and a version record) in one step."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(MODELS, model)
+            pipe.set(desired_key(model), desired.dumps())
+            if record is not None:
+                pipe.hset(versions_key(model), str(record.version), record.model_dump_json())
+            await pipe.execute()
 
     async def primary(self, model: str) -> int:
         return (await self.routing(model)).primary
@@ -172,22 +246,15 @@ class Registry:
     async def history(self, model: str) -> list[HistoryEntry]:
         return [HistoryEntry.model_validate_json(e) for e in await self.redis.lrange(history_key(model), 0, -1)]
 
-    async def route_to(self, model: str, version: int) -> int:
-        """Make `version` the primary atomically; returns the version it replaced (0 if none)."""
-        old = await self._route_to(keys=[routing_key(model)], args=[str(version), str(time.time())])
-        return int(old) if old else 0
+    async def flip_primary(self, model: str, version: int, expected: int) -> bool:
+        """Route `model` to `version` if its primary is still `expected`; True for the one flip that did it."""
+        args = [str(version), str(time.time()), str(expected) if expected else ""]
+        return bool(await self._flip_primary(keys=[routing_key(model)], args=args))
 
-    async def set_candidate(self, model: str, version: int, mode: str, share: int) -> None:
-        mapping: dict[FieldT, EncodableT] = {
-            "candidate": version,
-            "candidate_mode": mode,
-            "candidate_share": share,
-            "updated_at": time.time(),
-        }
-        await self.redis.hset(routing_key(model), mapping=mapping)
-
-    async def clear_candidate(self, model: str) -> None:
-        await self.redis.hdel(routing_key(model), "candidate", "candidate_mode", "candidate_share")
+    async def set_candidate(self, model: str, version: int, mode: str, share: int) -> bool:
+        """Route a share to candidate `version` (0: none); True if that changed the routing."""
+        args = [str(version) if version else "", mode, str(share), str(time.time())]
+        return bool(await self._set_candidate(keys=[routing_key(model)], args=args))
 
     async def resolve(self, alias: str) -> Route | None:
         """`name` -> the primary version; `name@N` -> version N if it is loaded."""
@@ -202,10 +269,19 @@ class Registry:
 
     # ---- release-event bookkeeping -------------------------------------------------------------
 
-    async def claim_event(self, event_id: str, offset: int) -> EventClaim:
-        if await self.redis.set(event_key(event_id), str(offset), nx=True):
+    async def claim_event(self, event_id: str, offset: int, replica: str, hold_s: float) -> EventClaim:
+        """Claim the event at `offset` for `replica` to apply it (the claim lapses after `hold_s`
+        should the replica die meanwhile)."""
+        held = str(await self._claim_event(keys=[event_key(event_id)], args=[f"{offset} applying {replica}", int(hold_s * 1000)]))
+        if held == "new":
             return EventClaim.NEW
-        return EventClaim.REPLAY if await self.redis.get(event_key(event_id)) == str(offset) else EventClaim.DUPLICATE
+        at, _, how = held.partition(" ")
+        if at != str(offset):
+            return EventClaim.DUPLICATE
+        return EventClaim.REPLAY if how == "applied" else EventClaim.APPLYING
+
+    async def finish_claim(self, event_id: str, offset: int) -> None:
+        await self.redis.set(event_key(event_id), f"{offset} applied")
 
     async def release_claim(self, event_id: str) -> None:
         """Forget a claim whose event was refused, so that a corrected event may reuse the id."""
@@ -220,8 +296,16 @@ class Registry:
 
     # ---- tokenizers ------------------------------------------------------------------------------
 
-    async def mark_tokenizer_loaded(self, model: str, version: int, replica: str) -> None:
-        await self.redis.sadd(tokenizers_key(model, version), replica)
+    async def put_tokenizer(self, digest: str, files: dict[str, str]) -> None:
+        """What gateways and tokenize need of a stored version, so they never read its folder."""
+        mapping: dict[FieldT, EncodableT] = {name: text for name, text in files.items()}
+        await self.redis.hset(tokenizer_key(digest), mapping=mapping)
 
-    async def tokenizer_replicas(self, model: str, version: int) -> int:
-        return int(await self.redis.scard(tokenizers_key(model, version)))
+    async def tokenizer_files(self, digest: str) -> dict[str, str]:
+        return {str(k): str(v) for k, v in (await self.redis.hgetall(tokenizer_key(digest))).items()}
+
+    async def mark_tokenizer_loaded(self, digest: str, replica: str) -> None:
+        await self.redis.sadd(holders_key(digest), replica)
+
+    async def tokenizer_replicas(self, digest: str) -> int:
+        return int(await self.redis.scard(holders_key(digest)))

@@ -50,7 +50,11 @@ class Embedder:
         self._model: Any = None
         self._lock = threading.Lock()
 
-    def _load(self) -> Any:
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> Any:
         with self._lock:
             if self._model is None:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,7 +67,7 @@ class Embedder:
     def cosine(self, a: str, b: str) -> float:
         if not a.strip() or not b.strip():
             return float(a.strip() == b.strip())
-        vectors = self._load().encode([a, b], normalize_embeddings=True)
+        vectors = self.load().encode([a, b], normalize_embeddings=True)
         return float(vectors[0] @ vectors[1])
 
 

@@ -6,14 +6,15 @@ gRPC and encodes text requests that arrive on Kafka."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from llmesh.common.registry import Registry
+from llmesh.common.registry import TOKENIZER_FILES, Registry
+from llmesh.v1 import common_pb2, events_pb2
 
 log = logging.getLogger("llmesh.tokenizers")
 
@@ -44,40 +45,59 @@ class VersionTokenizer:
         return ids
 
 
-def load_version_tokenizer(model: str, version: int, artifact_dir: Path) -> VersionTokenizer:
-    tokenizer = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
-    config = json.loads((artifact_dir / "config.json").read_text())
+def tokenizer_from_files(model: str, version: int, files: dict[str, str]) -> VersionTokenizer:
+    tokenizer = Tokenizer.from_str(files["tokenizer.json"])
+    config = json.loads(files["config.json"])
     context = int(config.get("n_positions") or config.get("max_position_embeddings") or 2048)
     return VersionTokenizer(model, version, tokenizer, context)
 
 
 class TokenizerCatalog:
+    """Tokenizers by content digest, loaded from the registry (never from a folder) and checked
+    against the version's sha256; `(model, version)` maps to the digest it was last seen with."""
+
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._loaded: dict[tuple[str, int], VersionTokenizer] = {}
+        self._by_digest: dict[str, VersionTokenizer] = {}
+        self._digest_of: dict[tuple[str, int], str] = {}
         self._lock = asyncio.Lock()
 
     async def get(self, model: str, version: int) -> VersionTokenizer:
-        key = (model, version)
-        if found := self._loaded.get(key):
+        if (digest := self._digest_of.get((model, version))) and (found := self._by_digest.get(digest)):
             return found
+        return await self.refresh(model, version)
+
+    async def refresh(self, model: str, version: int) -> VersionTokenizer:
+        """The tokenizer of the version's current record (a version released again after it failed
+        may have other artifacts under the same number)."""
         async with self._lock:
-            if found := self._loaded.get(key):
-                return found
             record = await self.registry.version(model, version)
-            if record is None or not record.artifact_uri:
+            if record is None or not record.digest:
                 raise UnknownVersion(f"model {model} version {version} is not registered")
-            path = Path(record.artifact_uri.removeprefix("file://"))
-            loaded = await asyncio.to_thread(load_version_tokenizer, model, version, path)
-            self._loaded[key] = loaded
-            return loaded
+            if (found := self._by_digest.get(record.digest)) is None or found.model != model or found.version != version:
+                files = await self.registry.tokenizer_files(record.digest)
+                for name in TOKENIZER_FILES:
+                    if name not in files or hashlib.sha256(files[name].encode()).hexdigest() != record.sha256.get(name):
+                        raise UnknownVersion(f"the tokenizer of {model}@{version} is missing or altered in the registry")
+                found = await asyncio.to_thread(tokenizer_from_files, model, version, files)
+                self._by_digest[record.digest] = found
+            self._digest_of[(model, version)] = record.digest
+            return found
+
+    async def follow(self, status: events_pb2.ModelStatusEvent, holder: str) -> None:
+        """Keep up with infer's status events: preload a staged version; forget a failed one (the
+        next request reads its record again)."""
+        if status.state == common_pb2.VERSION_STATE_STAGED:
+            await self.preload(status.model, status.version, holder)
+        elif status.state == common_pb2.VERSION_STATE_FAILED:
+            self._digest_of.pop((status.model, status.version), None)
 
     async def preload(self, model: str, version: int, holder: str) -> None:
         """Load a staged version's tokenizer before it is routed to, and tell the registry (infer
         waits for a holder before it flips routing, so no request pays for the load)."""
         try:
-            await self.get(model, version)
+            found = await self.refresh(model, version)
         except (UnknownVersion, OSError, ValueError) as err:
             log.warning("could not preload a tokenizer", extra={"model": model, "version": version, "error": str(err)})
             return
-        await self.registry.mark_tokenizer_loaded(model, version, holder)
+        await self.registry.mark_tokenizer_loaded(self._digest_of[(found.model, found.version)], holder)

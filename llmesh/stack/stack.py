@@ -40,7 +40,7 @@ def ensure_demo_models(models_dir: Path, report: Report) -> None:
 
 
 def running(layout: StackLayout) -> list[str]:
-    return [name for name in STOP_ORDER if processes.pid_of(layout, name)]
+    return [name for name in [*STOP_ORDER, *extra_replicas(layout)] if processes.pid_of(layout, name)]
 
 
 def _start_infrastructure(layout: StackLayout, report: Report) -> None:
@@ -111,6 +111,7 @@ def service_env(layout: StackLayout, name: str) -> dict[str, str]:
     }
     if name == "infer":
         env |= infer_env(layout, layout.triton_repository, p["triton_grpc"], p["triton_http"], p["triton_metrics"])
+        env["LLMESH_MODEL_STORE"] = str(layout.home / "model-store")  # shared by every infer replica
     return env
 
 
@@ -119,10 +120,35 @@ def start_service(layout: StackLayout, name: str) -> int:
     return processes.start(layout, name, [sys.executable, "-m", f"services.{name}"], service_env(layout, name))
 
 
+def extra_replicas(layout: StackLayout) -> dict[str, dict[str, int]]:
+    """Infer replicas beyond the first, by name (`infer-2`, ...): their ports, running or not."""
+    folder = layout.home / "replicas"
+    found = {p.stem: json.loads(p.read_text()) for p in folder.glob("infer-*.json")} if folder.is_dir() else {}
+    return dict(sorted(found.items(), key=lambda item: int(item[0].rsplit("-", 1)[1])))
+
+
+def scale_infer(layout: StackLayout, replicas: int, report: Report) -> None:
+    """Run `replicas` infer replicas (each with its own tritonserver): start the missing ones (each
+    loads the desired set before it takes requests), stop the newest beyond the count."""
+    for index in range(2, replicas + 1):
+        name = f"infer-{index}"
+        if not processes.pid_of(layout, name):
+            report(f"{name} is SERVING at {start_infer_replica(layout, name)}")
+    for name in extra_replicas(layout):
+        if int(name.rsplit("-", 1)[1]) > replicas:
+            processes.stop(layout, name)
+            (layout.home / "replicas" / f"{name}.json").unlink(missing_ok=True)
+            report(f"{name} stopped")
+
+
 def start_infer_replica(layout: StackLayout, name: str, timeout: float = 120) -> str:
     """Another infer replica (running its own tritonserver) in infer's consumer group; returns its gRPC
-    address once SERVING (it has loaded what the registry routes to and joined the group)."""
-    ports = {port: free_port() for port in ("grpc", "metrics", "triton_grpc", "triton_http", "triton_metrics")}
+    address once SERVING (it has loaded what the desired state needs and joined the group)."""
+    ports = extra_replicas(layout).get(name) or {
+        port: free_port() for port in ("grpc", "metrics", "triton_grpc", "triton_http", "triton_metrics")
+    }
+    (layout.home / "replicas").mkdir(exist_ok=True)
+    (layout.home / "replicas" / f"{name}.json").write_text(json.dumps(ports))
     repository = layout.home / name / "triton-models"
     triton = infer_env(layout, repository, ports["triton_grpc"], ports["triton_http"], ports["triton_metrics"])
     env = (
@@ -186,7 +212,9 @@ async def _publish_first_release(layout: StackLayout, report: Report, timeout: f
         await registry.close()
 
 
-def up(home: Path, report: Report, *, free_ports: bool = False, models_dir: Path | None = None) -> StackLayout:
+def up(
+    home: Path, report: Report, *, free_ports: bool = False, models_dir: Path | None = None, infer_replicas: int = 1
+) -> StackLayout:
     existing = StackLayout.load(home)
     if existing and running(existing):
         raise processes.StartFailed(f"a stack is already running from {home} ({', '.join(running(existing))}); run llmesh down")
@@ -198,6 +226,7 @@ def up(home: Path, report: Report, *, free_ports: bool = False, models_dir: Path
         asyncio.run(kafka.ensure_topics(layout.address("broker")))
         _start_services(layout, report)
         version = asyncio.run(_publish_first_release(layout, report))
+        scale_infer(layout, infer_replicas, report)
     except BaseException:
         down(home, lambda _: None)
         raise
@@ -209,6 +238,7 @@ def down(home: Path, report: Report) -> list[str]:
     layout = StackLayout.load(home)
     if layout is None:
         return []
-    stopped = [name for name in STOP_ORDER if processes.stop(layout, name)]
+    order = [*STOP_ORDER[: STOP_ORDER.index("infer")], *extra_replicas(layout), *STOP_ORDER[STOP_ORDER.index("infer") :]]
+    stopped = [name for name in order if processes.stop(layout, name)]
     report(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     return stopped

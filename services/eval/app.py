@@ -37,6 +37,7 @@ MISSING = Counter("llmesh_eval_missing_total", "Answers whose pair never arrived
 CANDIDATE_SCORE = Gauge(
     "llmesh_eval_candidate_score", "Candidate mean scores over the policy window", ["model", "version", "metric"]
 )
+EMBEDDER_LOADED = Gauge("llmesh_eval_embedder_loaded", "1 once the embedding model is in memory")
 DECISIONS = Counter("llmesh_eval_decisions_total", "Policy decisions", ["model", "action"])
 
 
@@ -81,6 +82,12 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
     async def start(self) -> None:
         await super().start()
         self._loop = asyncio.create_task(self._policy_loop())
+        if self.settings.preload_embedder:
+            self.scoring_pool.submit(self._load_embedder)
+
+    def _load_embedder(self) -> None:
+        self.embedder.load()
+        EMBEDDER_LOADED.set(1)
 
     async def stop(self) -> None:
         await cancel(self._loop)
@@ -136,6 +143,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
                 sensitive=self.sensitive,
             ),
         )
+        EMBEDDER_LOADED.set(int(self.embedder.loaded))
         await self.scores.add(side.model, candidate.version, score.as_dict())
         PAIRS.labels(side.model, str(candidate.version)).inc()
 

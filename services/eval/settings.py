@@ -13,4 +13,8 @@ class EvalSettings(ServiceSettings):
     policy_file: Path | None = Field(default=None, description="YAML promotion policy (defaults if unset)")
     policy_interval_s: float = Field(default=1.0, gt=0)
     join_ttl_s: float = Field(default=30.0, gt=0, description="how long one side of a pair waits for the other")
+    preload_embedder: bool = Field(
+        default=False,
+        description="load the embedding model at start (about 360 MB more at idle) instead of on the first scored pair",
+    )
     sensitive_words: list[str] = Field(default_factory=lambda: ["password", "secret", "token", "ssn"])

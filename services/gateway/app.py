@@ -117,8 +117,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
             event = events_pb2.ModelStatusEvent.FromString(msg.body)
         except DecodeError:
             return  # infer's own events; a foreign one is dead-lettered by tokenize, not twice
-        if event.state == common_pb2.VERSION_STATE_STAGED:
-            await self.catalog.preload(event.model, event.version, f"gateway-{self.settings.gateway_id}")
+        await self.catalog.follow(event, f"gateway-{self.settings.gateway_id}")
 
     # ---- catalogue -------------------------------------------------------------------------
 

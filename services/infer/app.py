@@ -26,8 +26,9 @@ from llmesh.common.topics import Header
 from llmesh.v1 import common_pb2, events_pb2, infer_pb2, infer_pb2_grpc
 from services.infer.chunks import ChunkStream
 from services.infer.leases import Lease, ReplicaLeases
+from services.infer.reconcile import Reconciler, VersionStates
 from services.infer.releases import ReleaseApplier
-from services.infer.repository import ModelRepository
+from services.infer.repository import ModelRepository, ModelStore
 from services.infer.served import ServedVersions
 from services.infer.settings import InferSettings
 from services.infer.triton import GenerationError, TritonGenerator
@@ -64,13 +65,17 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         self.catalog = TokenizerCatalog(self.registry)
         self.shadow_slots = asyncio.Semaphore(settings.shadow_concurrency)
         self.shadow_waiting = 0
-        self.releases = ReleaseApplier(
-            settings, self.registry, self.triton, self.repository, self.served, self.catalog, self.publish_status
-        )
+        store = ModelStore(settings.model_store.resolve())
+        states = VersionStates(self.registry, self.publish_status)
+        self.reconciler = Reconciler(settings, self.registry, self.triton, self.repository, store, self.served, states)
+        self.releases = ReleaseApplier(settings, self.registry, store, self.reconciler, self.catalog, states)
         self.leases = ReplicaLeases(self.registry.redis, settings.replica)
-        self.supervisor = TritonSupervisor(self.triton, settings.triton_command, settings.triton_env, self.releases.reload_served)
+        self.supervisor = TritonSupervisor(
+            self.triton, settings.triton_command, settings.triton_env, self.reconciler.reload_served
+        )
         opts = settings.kafka
-        # Every replica reads every release from the start (no group); events already applied are skipped.
+        # Every replica reads every release from the start (no group): one applies each event, the
+        # others wait for it and skip it; a replay from offset 0 changes nothing.
         kafka.subscribe(
             self.broker, topics.RELEASES, kafka.consumer_options(opts, None, from_start=True, control=True), self.on_release
         )
@@ -93,15 +98,16 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
 
     async def prepare(self) -> None:
         await self.supervisor.start()
-        await self.releases.restore()  # what the registry routes to is loaded before requests are consumed
+        await self.reconciler.reconcile()  # what the desired state needs is loaded before requests are consumed
 
     async def start(self) -> None:
         await super().start()
         await self.leases.start(self._requeue, self._unavailable)
+        await self.reconciler.start()
 
     async def stop(self) -> None:
+        await self.reconciler.stop()
         await self.leases.stop()
-        await self.releases.stop()
         await super().stop()
         await self.triton.close()
         await self.supervisor.stop()
@@ -129,19 +135,20 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
     # ---- releases --------------------------------------------------------------------------
 
     async def on_release(self, msg: KafkaMessage) -> None:
-        offset = msg.raw_message.offset  # type: ignore[union-attr]
+        raw = msg.raw_message
+        offset = raw.offset  # type: ignore[union-attr]
         content_type = kafka.header(msg, Header.CONTENT_TYPE) or topics.CONTENT_TYPE_JSON
-        event: ReleaseEvent | None = None
         try:
-            event = ReleaseEvent.parse(msg.body, content_type)
-            if await self.registry.was_refused(event.event_id, offset):
-                return  # refused when first read; this is a replay
-            await self.releases.handle(event, offset)
+            event = ReleaseEvent.parse(msg.body, content_type, place=f"{raw.topic}/{raw.partition}/{offset}")  # type: ignore[union-attr]
         except InvalidEvent as err:
-            if await self.registry.mark_refused(event.event_id if event else "?", offset):
+            if await self.registry.mark_refused("?", offset):
                 await self.dead_letters.send(msg, str(err))
-                if event is not None:
-                    await self.publish_status(event, event.model, event.version, "FAILED", str(err))
+            return
+        try:
+            await self.releases.handle(event, offset)
+        except InvalidEvent as err:  # this replica refused it first
+            await self.dead_letters.send(msg, str(err))
+            await self.publish_status(event, event.model, event.version, "FAILED", str(err))
 
     async def publish_status(self, event: ReleaseEvent | None, model: str, version: int, state: str, reason: str) -> None:
         status = events_pb2.ModelStatusEvent(

@@ -7,6 +7,8 @@ warm and unload on its own without touching the others.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ from llmesh.common.events import InvalidEvent, ReleaseEvent, file_sha256
 
 MODEL_PY = Path(__file__).parent / "triton_model" / "model.py"
 REQUIRED = ("config.json", "tokenizer.json")
+DIGEST_FILE = "content-digest"  # beside config.pbtxt: which stored version a Triton model folder holds
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 CONFIG_TEMPLATE = """name: "{name}"
@@ -44,10 +47,14 @@ def triton_name(model: str, version: int) -> str:
     return f"{model}-v{version}"
 
 
-def verify_artifacts(event: ReleaseEvent, roots: Sequence[Path] = ()) -> dict[str, Path]:
-    """Check the artifact directory against the event; return the files to stage, by name. With
-    `roots`, the directory (symlinks followed) must lie inside one of them: the model store."""
-    source = event.artifact_dir()
+def verify_release(event: ReleaseEvent, roots: Sequence[Path] = ()) -> dict[str, Path]:
+    """Check the artifact directory a release event names against its sha256 (see verify_artifacts)."""
+    return verify_artifacts(event.artifact_dir(), event.sha256, roots)
+
+
+def verify_artifacts(source: Path, sha256: dict[str, str], roots: Sequence[Path] = ()) -> dict[str, Path]:
+    """Check an artifact directory against the sha256 of every file; return the files to stage, by
+    name. With `roots`, the directory (symlinks followed) must lie inside one of them."""
     if roots and not any(source.resolve().is_relative_to(root.resolve()) for root in roots):
         raise InvalidEvent(f"artifact directory {source} is outside the model store ({', '.join(map(str, roots))})")
     if not source.is_dir():
@@ -58,18 +65,18 @@ def verify_artifacts(event: ReleaseEvent, roots: Sequence[Path] = ()) -> dict[st
             raise InvalidEvent(f"artifact {path.name} is a symlink; copy the file itself")
         if path.is_file():
             files[path.name] = path
-    if pickled := [n for n in files if n.endswith(PICKLE_SUFFIXES)]:
+    if pickled := [n for n in files if n.lower().endswith(PICKLE_SUFFIXES)]:
         raise InvalidEvent(f"pickled weights are refused ({', '.join(pickled)}); ship safetensors")
-    if not any(n.endswith(".safetensors") for n in files):
+    if not any(n.lower().endswith(".safetensors") for n in files):
         raise InvalidEvent("no .safetensors weights in the artifact directory")
     if missing := [n for n in REQUIRED if n not in files]:
         raise InvalidEvent(f"artifact directory lacks {', '.join(missing)}")
-    if unlisted := sorted(set(files) - set(event.sha256)):
+    if unlisted := sorted(set(files) - set(sha256)):
         raise InvalidEvent(f"no sha256 given for {', '.join(unlisted)}")
-    if absent := sorted(set(event.sha256) - set(files)):
+    if absent := sorted(set(sha256) - set(files)):
         raise InvalidEvent(f"artifact files listed but missing: {', '.join(absent)}")
     for name, path in files.items():
-        if file_sha256(path) != event.sha256[name]:
+        if file_sha256(path) != sha256[name]:
             raise InvalidEvent(f"sha256 mismatch for {name}: the artifact is corrupt or was changed")
     return files
 
@@ -83,9 +90,9 @@ class ModelRepository:
         self.parameters = parameters
         root.mkdir(parents=True, exist_ok=True)
 
-    def stage(self, event: ReleaseEvent, files: dict[str, Path]) -> str:
+    def stage(self, model: str, version: int, files: dict[str, Path], digest: str) -> str:
         """Copy verified artifacts into the repository; returns the Triton model name."""
-        name = triton_name(event.model, event.version)
+        name = triton_name(model, version)
         target = self.root / name
         staging = self.root / f".{name}.staging"
         shutil.rmtree(staging, ignore_errors=True)
@@ -98,9 +105,17 @@ class ModelRepository:
             PARAMETER_TEMPLATE.format(key=key, value=value) for key, value in self.parameters.items()
         )
         (staging / "config.pbtxt").write_text(config)
+        (staging / DIGEST_FILE).write_text(digest)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         return name
+
+    def staged_digest(self, name: str) -> str:
+        """The content digest of what is staged as Triton model `name` ('' if nothing is)."""
+        try:
+            return (self.root / name / DIGEST_FILE).read_text()
+        except OSError:
+            return ""
 
     @staticmethod
     def name_of(model: str, version: int) -> str:
@@ -108,3 +123,37 @@ class ModelRepository:
 
     def remove(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)
+
+
+class ModelStore:
+    """Verified artifacts, one read-only folder per content digest (`<root>/<digest>/<file>`): what
+    every replica loads from after staging, so the operator's folder is read exactly once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise InvalidEvent(f"{digest[:80]!r} is not a content digest")
+        return self.root / digest
+
+    def put(self, digest: str, files: dict[str, Path]) -> dict[str, Path]:
+        """Copy verified `files` in (once: a digest's folder never changes); returns the stored files."""
+        target = self.path(digest)
+        if not target.is_dir():
+            staging = self.root / f".{digest}.{os.getpid()}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            for name, path in files.items():
+                shutil.copyfile(path, staging / name)
+                (staging / name).chmod(0o444)
+            try:
+                staging.rename(target)  # atomic: a folder named by its digest is complete
+            except OSError:  # another replica stored the same content meanwhile
+                shutil.rmtree(staging, ignore_errors=True)
+        return {name: target / name for name in files}
+
+    def files(self, digest: str, sha256: dict[str, str]) -> dict[str, Path]:
+        """The stored files of `digest`, checked against `sha256` (what Redis says is not trusted)."""
+        return verify_artifacts(self.path(digest), sha256)

@@ -12,6 +12,7 @@ class LoadedVersion:
     model: str
     version: int
     triton_model: str
+    digest: str = ""  # the stored version it was loaded from
     in_flight: int = 0
 
 
@@ -22,8 +23,12 @@ class ServedVersions:
     def get(self, model: str, version: int) -> LoadedVersion | None:
         return self._loaded.get((model, version))
 
-    def add(self, model: str, version: int, triton_model: str) -> None:
-        self._loaded.setdefault((model, version), LoadedVersion(model, version, triton_model))
+    def add(self, model: str, version: int, triton_model: str, digest: str) -> None:
+        self._loaded.setdefault((model, version), LoadedVersion(model, version, triton_model, digest))
+
+    def replace(self, model: str, version: int, triton_model: str, digest: str) -> None:
+        """Loaded again (maybe other content under the same number): requests running keep their entry."""
+        self._loaded[(model, version)] = LoadedVersion(model, version, triton_model, digest)
 
     def remove(self, model: str, version: int) -> None:
         self._loaded.pop((model, version), None)

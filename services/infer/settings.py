@@ -28,7 +28,19 @@ class InferSettings(ServiceSettings):
     artifact_roots: list[Path] = Field(
         default_factory=list, description="the model store: release artifacts must lie inside one of these (empty: anywhere)"
     )
+    model_store: Path = Field(
+        default=Path(".llmesh/model-store"),
+        description="verified artifacts by content digest; every infer replica loads from here (shared by the replicas)",
+    )
     load_timeout_s: float = 120.0
+    reconcile_interval_s: float = Field(
+        default=0.25, gt=0, description="how often a replica compares itself to the desired state"
+    )
+    ready_timeout_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="routing moves without a live replica that is not ready with the new version this long after the event",
+    )
     warmup_tokens: int = 2
     tokenizer_wait_s: float = Field(
         default=10.0, ge=0, description="wait this long for a gateway or tokenize replica to load a new version's tokenizer"

@@ -20,7 +20,7 @@ from llmesh.common.settings import load_settings
 from llmesh.common.status import error_status
 from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion, VersionTokenizer
 from llmesh.common.topics import Header
-from llmesh.v1 import common_pb2, events_pb2, tokenize_pb2, tokenize_pb2_grpc
+from llmesh.v1 import events_pb2, tokenize_pb2, tokenize_pb2_grpc
 from services.tokenize.settings import TokenizeSettings
 
 ENCODED = Counter("llmesh_tokenize_prompt_tokens_total", "Prompt tokens encoded", ["model", "version"])
@@ -84,8 +84,8 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
 
     async def on_status(self, msg: KafkaMessage) -> None:
         status = await self.dead_letters.decode(msg, events_pb2.ModelStatusEvent)
-        if status is not None and status.state == common_pb2.VERSION_STATE_STAGED:
-            await self.catalog.preload(status.model, status.version, f"tokenize-{self.settings.replica}")
+        if status is not None:
+            await self.catalog.follow(status, f"tokenize-{self.settings.replica}")
 
     # ---- Kafka: text requests from Kafka clients --------------------------------------------
 

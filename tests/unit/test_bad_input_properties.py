@@ -15,7 +15,7 @@ from llmesh.common.events import InvalidEvent, ReleaseEvent, artifact_digests
 from llmesh.v1 import common_pb2, gateway_pb2
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import InvalidRequest, resolve_sampling, validate_prompt
-from services.infer.repository import verify_artifacts
+from services.infer.repository import verify_release
 
 GATEWAY = GatewaySettings()
 JSON_VALUES = st.recursive(
@@ -71,7 +71,7 @@ def test_artifact_paths_cannot_escape_the_model_store(tmp_path: Path, parts: lis
     uri = f"file://{target}" if as_uri else target
     event = ReleaseEvent(model="chat", version=1, artifact_uri=uri, sha256={})
     try:
-        verify_artifacts(event, roots=[store])
+        verify_release(event, roots=[store])
     except InvalidEvent as err:
         if ".." in parts:
             assert "'..'" in str(err)
@@ -94,9 +94,9 @@ def test_relative_absolute_elsewhere_and_symlinked_stores_are_refused(tmp_path: 
     ]:
         event = ReleaseEvent(model="chat", version=1, artifact_uri=uri, sha256=artifact_digests(elsewhere))
         with pytest.raises(InvalidEvent, match=reason):
-            verify_artifacts(event, roots=[store])
+            verify_release(event, roots=[store])
     accepted = ReleaseEvent(model="chat", version=1, artifact_uri=inside.as_uri(), sha256=artifact_digests(inside))
-    assert set(verify_artifacts(accepted, roots=[store])) == {"config.json", "tokenizer.json", "model.safetensors"}
+    assert set(verify_release(accepted, roots=[store])) == {"config.json", "tokenizer.json", "model.safetensors"}
 
 
 @given(

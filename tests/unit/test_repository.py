@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from llmesh.common.events import InvalidEvent, ReleaseEvent, artifact_digests
-from services.infer.repository import ModelRepository, verify_artifacts
+from services.infer.repository import ModelRepository, verify_release
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def _event(d: Path, **kw) -> ReleaseEvent:
 def test_good_artifacts_stage_into_a_triton_model(artifacts: Path, tmp_path: Path):
     event = _event(artifacts)
     repo = ModelRepository(tmp_path / "repo", kind="KIND_CPU", instances=1, parameters={"torch_threads": "2"})
-    name = repo.stage(event, verify_artifacts(event))
+    name = repo.stage("chat", 1, verify_release(event), event.content_digest())
     assert name == "chat-v1"
     assert (tmp_path / "repo/chat-v1/1/hf/model.safetensors").exists()
     assert (tmp_path / "repo/chat-v1/1/model.py").exists()
@@ -38,29 +38,29 @@ def test_corrupt_file_is_refused(artifacts: Path):
     event = _event(artifacts)
     (artifacts / "model.safetensors").write_bytes(b"\x01" * 32)
     with pytest.raises(InvalidEvent, match=r"sha256 mismatch for model\.safetensors"):
-        verify_artifacts(event)
+        verify_release(event)
 
 
 def test_pickled_weights_are_refused(artifacts: Path):
     (artifacts / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(InvalidEvent, match="pickled weights are refused"):
-        verify_artifacts(_event(artifacts))
+        verify_release(_event(artifacts))
 
 
 def test_missing_directory_is_refused(tmp_path: Path):
     with pytest.raises(InvalidEvent, match="does not exist"):
-        verify_artifacts(_event(tmp_path / "nowhere", sha256={}))
+        verify_release(_event(tmp_path / "nowhere", sha256={}))
 
 
 def test_symlinks_are_refused(artifacts: Path, tmp_path: Path):
     (tmp_path / "secret").write_text("x")
     (artifacts / "extra.txt").symlink_to(tmp_path / "secret")
     with pytest.raises(InvalidEvent, match="symlink"):
-        verify_artifacts(_event(artifacts, sha256={}))
+        verify_release(_event(artifacts, sha256={}))
 
 
 def test_unlisted_files_are_refused(artifacts: Path):
     digests = artifact_digests(artifacts)
     del digests["tokenizer.json"]
     with pytest.raises(InvalidEvent, match=r"no sha256 given for tokenizer.json"):
-        verify_artifacts(_event(artifacts, sha256=digests))
+        verify_release(_event(artifacts, sha256=digests))

@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from llmesh.common import topics
 from llmesh.v1 import events_pb2
@@ -47,6 +47,7 @@ class ReleaseEvent(BaseModel):
     reason: str = Field(default="", max_length=2048)
     signature: str = ""
     created_at: float = Field(default_factory=time.time)
+    _derived: frozenset[str] = PrivateAttr(default=frozenset())  # fields parse filled in: not signed
 
     @field_validator("sha256")
     @classmethod
@@ -71,8 +72,10 @@ class ReleaseEvent(BaseModel):
         return path
 
     def canonical_bytes(self) -> bytes:
-        """What the HMAC signature covers: every field but the signature, as sorted JSON."""
-        return json.dumps(self.model_dump(mode="json", exclude={"signature"}), sort_keys=True).encode()
+        """What the HMAC signature covers: every field but the signature (and but those the event
+        did not carry and parse derived), as sorted JSON."""
+        exclude = {"signature", *self._derived}
+        return json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
 
     def _mac(self, key: bytes) -> str:
         return hmac.new(key, self.canonical_bytes(), hashlib.sha256).hexdigest()
@@ -131,10 +134,12 @@ class ReleaseEvent(BaseModel):
                 data = json.loads(payload)
             except ValueError as err:
                 raise InvalidEvent(f"invalid release event: not JSON ({err})") from err
-            if derived_id and isinstance(data, dict):
-                data.setdefault("event_id", derived_id)
-                data.setdefault("created_at", 0.0)
-            return cls.model_validate(data)
+            derived = frozenset({"event_id", "created_at"} - set(data)) if derived_id and isinstance(data, dict) else frozenset()
+            if derived:
+                data = {"event_id": derived_id, "created_at": 0.0} | data
+            event = cls.model_validate(data)
+            event._derived = derived
+            return event
         except ValidationError as err:
             raise InvalidEvent(f"invalid release event: {_summarize(err)}") from err
         except InvalidEvent:

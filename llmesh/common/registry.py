@@ -107,6 +107,13 @@ end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
 return 1
 """
+# Renew a claim while it is being applied; never an event applied already (that mark never expires).
+_HOLD_CLAIM = """
+if string.find(redis.call('GET', KEYS[1]) or '', ' applying ', 1, true) then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"""
 # Claim an event for this replica: NEW, or what holds it ("{offset} applied" / "{offset} applying {replica}").
 _CLAIM_EVENT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'new' end
@@ -181,6 +188,7 @@ class Registry:
         self._flip_primary = client.register_script(_FLIP_PRIMARY)
         self._set_candidate = client.register_script(_SET_CANDIDATE)
         self._claim_event = client.register_script(_CLAIM_EVENT)
+        self._hold_claim = client.register_script(_HOLD_CLAIM)
 
     @classmethod
     def from_url(cls, url: str) -> Registry:
@@ -217,13 +225,13 @@ class Registry:
         raw = await self.redis.get(desired_key(model))
         return Routing.loads(str(raw)) if raw else await self.routing(model)
 
-    async def commit(self, model: str, desired: Routing, record: VersionRecord | None = None) -> None:
-        """Write the desired roles of `model` (and a version record) in one step."""
+    async def commit(self, model: str, desired: Routing, event_id: str, offset: int) -> None:
+        """Write the desired roles of `model` and mark the event that set them applied, in one step:
+        a replica that dies before has applied nothing, one that dies after has applied it all."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.sadd(MODELS, model)
             pipe.set(desired_key(model), desired.dumps())
-            if record is not None:
-                pipe.hset(versions_key(model), str(record.version), record.model_dump_json())
+            pipe.set(event_key(event_id), f"{offset} applied")
             await pipe.execute()
 
     async def primary(self, model: str) -> int:
@@ -280,8 +288,9 @@ class Registry:
             return EventClaim.DUPLICATE
         return EventClaim.REPLAY if how == "applied" else EventClaim.APPLYING
 
-    async def finish_claim(self, event_id: str, offset: int) -> None:
-        await self.redis.set(event_key(event_id), f"{offset} applied")
+    async def hold_claim(self, event_id: str, hold_s: float) -> None:
+        """Keep this replica's claim while it applies the event (it lapses if the replica dies)."""
+        await self._hold_claim(keys=[event_key(event_id)], args=[int(hold_s * 1000)])
 
     async def release_claim(self, event_id: str) -> None:
         """Forget a claim whose event was refused, so that a corrected event may reuse the id."""

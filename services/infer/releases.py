@@ -18,12 +18,14 @@ from prometheus_client import Histogram
 from llmesh.common.desired import ModelState, transition
 from llmesh.common.events import InvalidEvent, ReleaseEvent
 from llmesh.common.registry import TOKENIZER_FILES, EventClaim, Registry, Routing, VersionRecord, VersionState
+from llmesh.common.tasks import cancel
 from llmesh.common.tokenizers import TokenizerCatalog
 from services.infer.reconcile import Reconciler, VersionStates
 from services.infer.repository import ModelStore, verify_release
 from services.infer.settings import InferSettings
 
 log = logging.getLogger("llmesh.infer.releases")
+CLAIM_HOLD_S = 5.0  # a claim lapses this long after its replica stopped renewing it
 SWAP_SECONDS = Histogram(
     "llmesh_infer_swap_seconds", "Release event applied to traffic routed", buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 60, 120)
 )
@@ -56,29 +58,36 @@ class ReleaseApplier:
             if await self.registry.mark_refused(event.event_id, offset):
                 raise
             return False
+        holding = asyncio.create_task(self._hold(event.event_id))
         try:
-            await self._apply(event)
+            await self._apply(event, offset)
         except BaseException as err:
+            await cancel(holding)
             first = isinstance(err, InvalidEvent) and await self.registry.mark_refused(event.event_id, offset)
             await self.registry.release_claim(event.event_id)  # after marking: no replica applies it meanwhile
             if first or not isinstance(err, InvalidEvent):
                 raise
             return False
-        await self.registry.finish_claim(event.event_id, offset)
+        await cancel(holding)
         return True
 
+    async def _hold(self, event_id: str) -> None:
+        while True:
+            await asyncio.sleep(CLAIM_HOLD_S / 5)
+            await self.registry.hold_claim(event_id, CLAIM_HOLD_S)
+
     async def _claim(self, event: ReleaseEvent, offset: int) -> EventClaim:
-        """Events are applied in log order: while another replica applies this one, wait for it."""
-        hold_s = self.settings.load_timeout_s + self.settings.tokenizer_wait_s + self.settings.ready_timeout_s + 30
+        """Events are applied in log order: while another replica applies this one, wait for it (if
+        that replica dies, its claim lapses within CLAIM_HOLD_S and this one applies the event)."""
         while True:
             if await self.registry.was_refused(event.event_id, offset):
                 return EventClaim.REPLAY
-            claim = await self.registry.claim_event(event.event_id, offset, self.settings.replica, hold_s)
+            claim = await self.registry.claim_event(event.event_id, offset, self.settings.replica, CLAIM_HOLD_S)
             if claim is not EventClaim.APPLYING:
                 return claim
             await asyncio.sleep(0.05)
 
-    async def _apply(self, event: ReleaseEvent) -> None:
+    async def _apply(self, event: ReleaseEvent, offset: int) -> None:
         started = time.perf_counter()
         state = ModelState(
             event.model,
@@ -92,7 +101,7 @@ class ReleaseApplier:
         if routed is not None:
             await self._wait_for_tokenizers(routed)
         desired = replace(step.state.roles, updated_at=time.time())
-        await self.registry.commit(event.model, desired)
+        await self.registry.commit(event.model, desired, event.event_id, offset)
         self.reconciler.applying.discard((event.model, event.version))
         self.reconciler.wake()
         if routed is not None and await self._routed(event.model, desired):

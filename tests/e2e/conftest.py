@@ -18,6 +18,7 @@ window_s: 600
 thresholds: {rouge_l_min: 0.5, embedding_cosine_min: 0.6}
 models:
   canaryshare: {on_pass: hold, on_fail: hold}   # measured, never decided
+  fleet: {on_pass: hold, on_fail: hold}
   shadowcost: {on_pass: hold, on_fail: hold}    # the shadow-cost benchmark's model
 """
 

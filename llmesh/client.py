@@ -17,9 +17,12 @@ from llmesh.common.events import ReleaseEvent, ReleaseMode, artifact_digests
 
 
 def release_key() -> bytes | None:
-    """The operator's release signing key, from LLMESH_RELEASE_HMAC_KEY (as the services read it)."""
-    key = os.environ.get("LLMESH_RELEASE_HMAC_KEY")
-    return key.encode() if key else None
+    """The operator's release signing key: LLMESH_RELEASE_HMAC_KEY (as the services read it), else
+    the key the embedded stack in LLMESH_HOME (default `.llmesh`) made for itself."""
+    if key := os.environ.get("LLMESH_RELEASE_HMAC_KEY"):
+        return key.encode()
+    path = Path(os.environ.get("LLMESH_HOME", ".llmesh")) / "release.key"
+    return path.read_text().strip().encode() if path.exists() else None
 
 
 def release_for(model: str, version: int, artifacts: Path, **fields: object) -> ReleaseEvent:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import re
 import time
 from importlib import metadata
@@ -60,11 +61,18 @@ def up(
     home: HomeOpt = Path(".llmesh"),
     free_ports: Annotated[bool, typer.Option(help="pick free ports instead of the defaults")] = False,
     infer_replicas: Annotated[int, typer.Option(min=1, help="infer replicas, each with its own tritonserver")] = 1,
+    artifact_root: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option(help="a folder releases may name (repeatable; the demo models' folder always may)"),
+    ] = None,
 ) -> None:
-    """Start broker, Redis and the four services (infer runs tritonserver); serve the demo model."""
+    """Start broker, Redis and the four services (infer runs tritonserver); serve the demo model.
+    Releases must be signed (a key is made once in the home folder) and name allowed folders."""
     started = time.perf_counter()
     try:
-        layout = stack.up(home.resolve(), _say, free_ports=free_ports, infer_replicas=infer_replicas)
+        layout = stack.up(
+            home.resolve(), _say, free_ports=free_ports, infer_replicas=infer_replicas, artifact_roots=artifact_root
+        )
     except processes.StartFailed as err:
         err_console.print(f"[red]llmesh up failed:[/] {err}")
         raise typer.Exit(1) from err
@@ -238,11 +246,16 @@ def release_publish(
     bootstrap: Annotated[Optional[str], typer.Option(help="Kafka bootstrap (default: the local stack)")] = None,  # noqa: UP045
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
-    """Publish a release event (sha256 of every artifact file computed here)."""
+    """Publish a release event (sha256 of every artifact file computed here), signed with
+    LLMESH_RELEASE_HMAC_KEY or, for the local stack, with the key it made."""
+    if bootstrap is None:
+        layout = _layout(home)
+        bootstrap = layout.address("broker")
+        os.environ.setdefault("LLMESH_RELEASE_HMAC_KEY", layout.release_key())
     event = client.release_for(
         model, version, artifacts, mode=mode, share_percent=share, label=label, author=author, reason=reason
     )
-    asyncio.run(client.publish_release(bootstrap or _layout(home).address("broker"), event))
+    asyncio.run(client.publish_release(bootstrap, event))
     _say(f"published {event.event_id}: {model} v{version} ({mode.value})")
 
 

@@ -30,6 +30,7 @@ class InvalidEvent(ValueError):
 
 
 MAX_ARTIFACT_FILES = 256
+MAX_EVENT_BYTES = 256 * 1024  # 256 files with their digests and every text field at its limit fit in far less
 
 
 class ReleaseEvent(BaseModel):
@@ -126,6 +127,8 @@ class ReleaseEvent(BaseModel):
         An event read from the log (`place`: its topic, partition and offset) that carries no
         `event_id` gets one derived from its bytes and place, and `created_at` 0 when absent: the
         same message always parses to the same event, so a replay is recognised as one."""
+        if len(payload) > MAX_EVENT_BYTES:
+            raise InvalidEvent(f"release event is {len(payload)} bytes; at most {MAX_EVENT_BYTES} are read")
         derived_id = f"derived-{hashlib.sha256(payload + place.encode()).hexdigest()[:40]}" if place else ""
         try:
             if content_type == topics.CONTENT_TYPE_PROTOBUF:

@@ -4,6 +4,7 @@ headers, and the dead-letter publisher."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -157,9 +158,18 @@ class DeadLetters:
         self.service = service
 
     async def send(self, msg: KafkaMessage, reason: str) -> None:
+        """An oversized message (the reason it was refused, often) goes with its body cut to
+        DLQ_BODY_LIMIT, its size and digest, and its headers and key cut short: it still arrives."""
         record = msg.raw_message
         raw = record if not isinstance(record, tuple) else record[0]
-        headers = {k: (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in msg.headers.items()}
+        headers = {
+            k[:256]: (v.decode(errors="replace") if isinstance(v, bytes) else str(v))[:1024]
+            for k, v in list(msg.headers.items())[:32]
+        }
+        body = msg.body
+        if len(body) > topics.DLQ_BODY_LIMIT:
+            headers |= {Header.DLQ_SIZE: str(len(body)), Header.DLQ_SHA256: hashlib.sha256(body).hexdigest()}
+            body = body[: topics.DLQ_BODY_LIMIT]
         headers |= {
             Header.DLQ_REASON: reason[:2000],
             Header.DLQ_TOPIC: raw.topic,
@@ -168,7 +178,7 @@ class DeadLetters:
             Header.DLQ_SERVICE: self.service,
         }
         log.warning("dead-lettered", extra={"reason": reason, "topic": raw.topic, "offset": raw.offset})
-        await self.broker.publish(msg.body, topics.DEAD_LETTER, key=raw.key, headers=headers)
+        await self.broker.publish(body, topics.DEAD_LETTER, key=(raw.key or b"")[:1024] or None, headers=headers)
 
     async def decode(self, msg: KafkaMessage, schema: type[M]) -> M | None:
         """The protobuf payload of `msg`, or None once it has been dead-lettered with the reason."""

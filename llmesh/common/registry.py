@@ -159,6 +159,8 @@ class Routing:
     candidate_share: int = 0  # percent of requests mirrored (shadow) or served (canary)
     updated_at: float = 0.0
     flipped_at: float = 0.0  # the last change of primary
+    event_version: int = 0  # desired state only: the version the last applied event named ...
+    reason: str = ""  # ... and the reason it gave (recorded with that version's next state)
 
     def needed(self) -> set[int]:
         """Versions that must stay loaded: primary, previous (instant rollback) and candidate."""

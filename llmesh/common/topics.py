@@ -60,6 +60,11 @@ class Header:
     DLQ_PARTITION = "dlq-original-partition"
     DLQ_OFFSET = "dlq-original-offset"
     DLQ_SERVICE = "dlq-service"
+    DLQ_SIZE = "dlq-original-size"  # set when the body was cut to DLQ_BODY_LIMIT: its size in bytes
+    DLQ_SHA256 = "dlq-original-sha256"  # ... and the sha256 of the whole original body
+
+
+DLQ_BODY_LIMIT = 256 * 1024  # a dead letter must fit the producer's request limit (1 MiB by default)
 
 
 CONTENT_TYPE_PROTOBUF = "application/x-protobuf"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import socket
 from pathlib import Path
 
@@ -56,14 +57,35 @@ class StackLayout(BaseModel):
     home: Path
     ports: dict[str, int]
     models_dir: Path
+    artifact_roots: list[Path] = []  # folders the operator releases from, besides models_dir
 
     @classmethod
-    def create(cls, home: Path, *, free_ports: bool = False, models_dir: Path | None = None) -> StackLayout:
+    def create(
+        cls, home: Path, *, free_ports: bool = False, models_dir: Path | None = None, artifact_roots: list[Path] | None = None
+    ) -> StackLayout:
         taken: set[int] = set()
         ports = {name: free_port(taken) for name in DEFAULT_PORTS} if free_ports else dict(DEFAULT_PORTS)
         env_models = os.environ.get("LLMESH_MODELS_DIR")
         models = models_dir or (Path(env_models).resolve() if env_models else home / "models")
-        return cls(home=home, ports=ports, models_dir=models)
+        roots = [root.resolve() for root in artifact_roots or []]
+        return cls(home=home, ports=ports, models_dir=models, artifact_roots=roots)
+
+    def release_key(self) -> str:
+        """The stack's release signing key: from LLMESH_RELEASE_HMAC_KEY, else made once and kept in
+        `<home>/release.key` (mode 0600), so every event on the embedded broker is signed."""
+        if key := os.environ.get("LLMESH_RELEASE_HMAC_KEY"):
+            return key
+        path = self.home / "release.key"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+    @property
+    def model_store(self) -> Path:
+        return self.home / "model-store"
 
     @classmethod
     def load(cls, home: Path) -> StackLayout | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -108,10 +109,13 @@ def service_env(layout: StackLayout, name: str) -> dict[str, str]:
         "LLMESH_METRICS_PORT": str(p[f"{name}_metrics"]),
         "LLMESH_KAFKA__BOOTSTRAP": layout.address("broker"),
         "LLMESH_REDIS_URL": layout.redis_url,
+        "LLMESH_RELEASE_HMAC_KEY": layout.release_key(),  # secure by default: only signed releases apply
     }
     if name == "infer":
         env |= infer_env(layout, layout.triton_repository, p["triton_grpc"], p["triton_http"], p["triton_metrics"])
-        env["LLMESH_MODEL_STORE"] = str(layout.home / "model-store")  # shared by every infer replica
+        env["LLMESH_MODEL_STORE"] = str(layout.model_store)  # shared by every infer replica
+        roots = [layout.models_dir, *layout.artifact_roots]  # and the store itself: nothing else
+        env["LLMESH_ARTIFACT_ROOTS"] = json.dumps([str(root) for root in roots])
     return env
 
 
@@ -213,13 +217,21 @@ async def _publish_first_release(layout: StackLayout, report: Report, timeout: f
 
 
 def up(
-    home: Path, report: Report, *, free_ports: bool = False, models_dir: Path | None = None, infer_replicas: int = 1
+    home: Path,
+    report: Report,
+    *,
+    free_ports: bool = False,
+    models_dir: Path | None = None,
+    infer_replicas: int = 1,
+    artifact_roots: list[Path] | None = None,
 ) -> StackLayout:
     existing = StackLayout.load(home)
     if existing and running(existing):
         raise processes.StartFailed(f"a stack is already running from {home} ({', '.join(running(existing))}); run llmesh down")
-    layout = StackLayout.create(home, free_ports=free_ports, models_dir=models_dir)
+    layout = StackLayout.create(home, free_ports=free_ports, models_dir=models_dir, artifact_roots=artifact_roots)
     layout.save()
+    # this process (the CLI, a test, a benchmark) publishes releases too: it signs with the stack's key
+    os.environ["LLMESH_RELEASE_HMAC_KEY"] = layout.release_key()
     ensure_demo_models(layout.models_dir, report)
     try:
         _start_infrastructure(layout, report)

@@ -47,6 +47,11 @@ def ready_entry(model: str, record: VersionRecord) -> str:
     return f"{model}@{record.version}@{record.digest}"
 
 
+def _why(desired: Routing, version: int, otherwise: str = "") -> str:
+    """The reason of the event that named `version` last, for the state change it causes."""
+    return desired.reason if version == desired.event_version and desired.reason else otherwise
+
+
 class VersionStates:
     """Writes a version's mesh-wide state to the registry and announces it on the status topic."""
 
@@ -78,6 +83,7 @@ class Reconciler:
         self.applying: set[tuple[str, int]] = set()  # loaded by the release being applied: not unloaded meanwhile
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._loading = asyncio.Semaphore(settings.load_concurrency)  # a restart loads every needed version
         self._loop: asyncio.Task[None] | None = None
         self._retiring: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._reported: set[str] | None = None
@@ -113,18 +119,15 @@ class Reconciler:
 
     async def reconcile(self) -> None:
         async with self._lock:
-            for model in await self.registry.models():
-                await self._model(model)
+            await asyncio.gather(*(self._model(model) for model in await self.registry.models()))
             await self._report_ready()
 
     async def _model(self, model: str) -> None:
         desired, routing = await self.registry.desired(model), await self.registry.routing(model)
         records = {r.version: r for r in await self.registry.versions(model)}
         needed = self._needed(desired, routing)
-        for version in sorted(needed):
-            record = records.get(version)
-            if record is not None and record.digest and not self._loaded_as(model, record):
-                await self._load_needed(model, record)
+        missing = [r for v in sorted(needed) if (r := records.get(v)) and r.digest and not self._loaded_as(model, r)]
+        await asyncio.gather(*(self._load_needed(model, record) for record in missing))
         await self._report_ready()
         await self._route(model, desired, routing, records)
         for loaded in self.served.of_model(model):
@@ -145,7 +148,8 @@ class Reconciler:
 
     async def _load_needed(self, model: str, record: VersionRecord) -> None:
         try:
-            await self.load(model, record)
+            async with self._loading:
+                await self.load(model, record)
         except Exception as err:
             LOAD_FAILURES.inc()
             log.error(
@@ -213,7 +217,7 @@ class Reconciler:
             return
         if not await self.registry.flip_primary(model, primary.version, routing.primary):
             return  # another replica flipped it
-        await self.states.set(model, primary, VersionState.SERVING, "routed: every live replica is ready")
+        await self.states.set(model, primary, VersionState.SERVING, _why(desired, primary.version))
         if routing.primary and (old := records.get(routing.primary)):
             await self.states.set(model, old, VersionState.READY, "previous version: kept warm for rollback")
 
@@ -264,7 +268,8 @@ class Reconciler:
             return  # retired already, or needed again meanwhile
         record = await self.registry.version(loaded.model, loaded.version) or VersionRecord(version=loaded.version)
         if record.state in (VersionState.READY, VersionState.SERVING):
-            await self.states.set(loaded.model, record, VersionState.DRAINING, "no longer routed: finishing in-flight requests")
+            reason = _why(desired, loaded.version, "no longer routed: finishing in-flight requests")
+            await self.states.set(loaded.model, record, VersionState.DRAINING, reason)
         deadline = time.monotonic() + self.settings.drain_seconds
         while loaded.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -274,7 +279,7 @@ class Reconciler:
         self.repository.remove(loaded.triton_model)
         record = await self.registry.version(loaded.model, loaded.version) or record
         if record.state is not VersionState.RETIRED:
-            await self.states.set(loaded.model, record, VersionState.RETIRED, "unloaded")
+            await self.states.set(loaded.model, record, VersionState.RETIRED, _why(desired, loaded.version, "unloaded"))
 
     # ---- Triton restarted --------------------------------------------------------------------
 

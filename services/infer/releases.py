@@ -100,7 +100,7 @@ class ReleaseApplier:
         routed = step.state.versions.get(step.routed)
         if routed is not None:
             await self._wait_for_tokenizers(routed)
-        desired = replace(step.state.roles, updated_at=time.time())
+        desired = replace(step.state.roles, updated_at=time.time(), event_version=event.version, reason=event.reason)
         await self.registry.commit(event.model, desired, event.event_id, offset)
         self.reconciler.applying.discard((event.model, event.version))
         self.reconciler.wake()

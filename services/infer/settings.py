@@ -33,6 +33,7 @@ class InferSettings(ServiceSettings):
         description="verified artifacts by content digest; every infer replica loads from here (shared by the replicas)",
     )
     load_timeout_s: float = 120.0
+    load_concurrency: int = Field(default=2, ge=1, description="versions a replica loads in Triton at once")
     reconcile_interval_s: float = Field(
         default=0.25, gt=0, description="how often a replica compares itself to the desired state"
     )

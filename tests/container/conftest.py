@@ -37,7 +37,8 @@ IMAGES = Path(__file__).resolve().parent / "images"
 TAG = metadata.version("llmesh")  # the tag build-images.sh gives the images of this version
 BROKER_IMAGE = "llmesh-test/broker:tansu-0.6.0"
 REDIS_IMAGE = "llmesh-test/redis:7"
-GRPC_PORTS = {"eval": 50054, "tokenize": 50052, "infer": 50053, "gateway": 50051}  # start order: gateway last
+# start order: gateway last; two infer replicas, each with its own tritonserver
+GRPC_PORTS = {"eval": 50054, "tokenize": 50052, "infer": 50053, "infer-2": 50053, "gateway": 50051}
 RELEASE_KEY = "container-release-key"
 
 
@@ -91,9 +92,10 @@ class ContainerMesh:
         return (out + err).decode(errors="replace")
 
 
-def _service(name: str, network: Network, models_dir: Path) -> DockerContainer:
+def _service(name: str, network: Network, models_dir: Path, store: Path) -> DockerContainer:
+    service = name.split("-")[0]  # infer-2: a second replica of infer
     container = (
-        DockerContainer(f"llmesh/{name}:{TAG}")
+        DockerContainer(f"llmesh/{service}:{TAG}")
         .with_network(network)
         .with_network_aliases(name)
         .with_exposed_ports(GRPC_PORTS[name])
@@ -103,8 +105,9 @@ def _service(name: str, network: Network, models_dir: Path) -> DockerContainer:
         .with_env("LLMESH_ARTIFACT_ROOTS", f'["{models_dir}"]')
         .with_volume_mapping(str(models_dir), str(models_dir), "ro")  # release paths mean the same inside
     )
-    if name == "infer":
+    if service == "infer":
         container.with_kwargs(shm_size="1g")  # Triton's python backend talks to its stubs through /dev/shm
+        container.with_volume_mapping(str(store), "/model-store", "rw")  # shared by the replicas, as a RWX volume
     return container
 
 
@@ -135,7 +138,9 @@ def container_mesh(
 ) -> Iterator[ContainerMesh]:
     """Redis, the broker (with a `tansu proxy` giving host clients their own advertised address), and
     the four services, each SERVING. Module-scoped: nothing is left running for the next module."""
-    mesh = ContainerMesh(_model_store(models_dir, tmp_path_factory.mktemp("model-store")))
+    mesh = ContainerMesh(_model_store(models_dir, tmp_path_factory.mktemp("operator-models")))
+    store = tmp_path_factory.mktemp("model-store")
+    store.chmod(0o777)  # written by the images' unprivileged user
     host_port = free_port()
     started = time.monotonic()
     with Network() as network, pytest.MonkeyPatch.context() as env:
@@ -165,7 +170,7 @@ def container_mesh(
             for name, container in infrastructure.items():
                 mesh.containers[name] = container.start()
             for name in GRPC_PORTS:
-                mesh.containers[name] = _service(name, network, mesh.models_dir).start()
+                mesh.containers[name] = _service(name, network, mesh.models_dir, store).start()
             for name in GRPC_PORTS:
                 _wait_serving(mesh, name)
             mesh.gateway = f"127.0.0.1:{mesh.containers['gateway'].get_exposed_port(GRPC_PORTS['gateway'])}"

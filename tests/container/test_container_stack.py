@@ -1,5 +1,5 @@
-"""The mesh from its images, through the public gateway: generate, a hot swap under load, a shadow
-candidate evaluated and promoted. Runs in file order (each test starts from the previous one's state)."""
+"""The mesh from its images (two infer replicas sharing a model store), through the public gateway:
+generate, a hot swap under load, a shadow candidate evaluated and promoted. Runs in file order (each test starts from the previous one's state)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from llmesh.common.events import ReleaseMode
 from llmesh.loadgen import GatewayLoad, wait_for_primary
-from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.container.conftest import ContainerMesh
+from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, infer_pb2, infer_pb2_grpc
+from tests.container.conftest import GRPC_PORTS, ContainerMesh
 
 pytestmark = [pytest.mark.slow, pytest.mark.container, pytest.mark.timeout(1200)]  # the first builds every image
 MODEL = "chat"
@@ -45,6 +45,11 @@ def test_hot_swap_under_load_fails_no_request(container_mesh: ContainerMesh, gat
     assert all(len(s.versions) == 1 for s in samples), "an answer mixed versions"
     assert {1} in {s.versions for s in samples if s.finished < published}
     assert {s.versions for s in samples if s.started > swapped} == {frozenset({2})}
+    for replica in ("infer", "infer-2"):  # the routing moved only once both replicas had v2 loaded
+        address = f"127.0.0.1:{container_mesh.containers[replica].get_exposed_port(GRPC_PORTS[replica])}"
+        with grpc.insecure_channel(address) as channel:
+            loaded = infer_pb2_grpc.InferStub(channel).ListLoaded(infer_pb2.ListLoadedRequest(), timeout=10)
+        assert {(MODEL, 1), (MODEL, 2)} <= {(v.model, v.version) for v in loaded.versions}, replica
 
 
 def test_shadow_candidate_is_scored_and_promoted(container_mesh: ContainerMesh, gateway: gateway_pb2_grpc.GatewayStub) -> None:
@@ -94,7 +99,7 @@ def test_docker_stop_finishes_the_stream_in_flight_and_every_service_exits_0(
     stopping.join()
     assert chunks[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and {c.version for c in chunks} == {3}
     exits = {}
-    for name in ("gateway", "tokenize", "eval", "infer"):
+    for name in ("gateway", "tokenize", "eval", "infer", "infer-2"):
         container = container_mesh.containers[name].get_wrapped_container()
         container.stop(timeout=40)
         exits[name] = container.wait(timeout=5)["StatusCode"]

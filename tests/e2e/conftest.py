@@ -32,7 +32,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
     policy = home / "policy.yaml"
     policy.write_text(POLICY)
     os.environ["LLMESH_POLICY_FILE"] = str(policy)
-    layout = stack.up(home, print, free_ports=True, models_dir=models_dir)
+    # releases may name the demo models and the tests' own temporary folders, nothing else
+    layout = stack.up(home, print, free_ports=True, models_dir=models_dir, artifact_roots=[tmp_path_factory.getbasetemp()])
     yield layout
     stack.down(home, print)
     del os.environ["LLMESH_RELEASE_HMAC_KEY"], os.environ["LLMESH_POLICY_FILE"]

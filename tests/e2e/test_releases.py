@@ -1,6 +1,7 @@
 """Release events drive hot swaps, rollbacks and refusals, under live load, with zero failed requests.
 
-These tests share one model, `swap`, built from the two demo versions, and run in file order."""
+Each test releases a model of its own (or a module fixture does), so no test depends on another's
+state or on the order the tests run in."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from tests.e2e.kafka_tools import release_dead_letter
 from tests.e2e.restarts import restart
 
 pytestmark = pytest.mark.slow
-MODEL = "swap"
-PUBLISHED: dict[str, ReleaseEvent] = {}
+MODEL = "swap"  # serving v1, for the refusals
+DUPLICATE_ID = "swap-v1-first-release"
 
 
 def _publish(mesh, event: ReleaseEvent) -> ReleaseEvent:
@@ -33,11 +34,20 @@ def _publish(mesh, event: ReleaseEvent) -> ReleaseEvent:
     return event
 
 
-def _answers_with(gateway, version: int) -> None:
+def _answers_with(gateway, version: int, model: str = MODEL) -> None:
     reply = gateway.Generate(
-        gateway_pb2.GenerateRequest(model=MODEL, prompt="The", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=30
+        gateway_pb2.GenerateRequest(model=model, prompt="The", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=30
     )
     assert reply.version == version
+
+
+def _serve(mesh, gateway, models_dir: Path, model: str, *versions: int) -> dict[int, ReleaseEvent]:
+    """Release `versions` of `model` one after another (odd from chat-v1, even from chat-v2)."""
+    events = {}
+    for version in versions:
+        events[version] = _publish(mesh, client.release_for(model, version, models_dir / f"chat-v{2 - version % 2}"))
+        wait_for_primary(gateway, model, version, timeout=120)
+    return events
 
 
 def _check_load(run: LoadRun, flip_at: float, new_version: int) -> None:
@@ -51,37 +61,40 @@ def _check_load(run: LoadRun, flip_at: float, new_version: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def swap_model(mesh, gateway, models_dir: Path) -> Path:
-    event = _publish(mesh, client.release_for(MODEL, 1, models_dir / "chat-v1", label="swap-v1"))
-    wait_for_primary(gateway, MODEL, 1)
-    PUBLISHED["v1"] = event
-    return models_dir
+def swap_model(mesh, gateway, models_dir: Path) -> ReleaseEvent:
+    event = _publish(mesh, client.release_for(MODEL, 1, models_dir / "chat-v1", event_id=DUPLICATE_ID))
+    wait_for_primary(gateway, MODEL, 1, timeout=120)
+    return event
 
 
-def test_hot_swap_under_load(mesh, gateway, swap_model):
-    with GatewayLoad(mesh.address("gateway"), MODEL, clients=4) as load:
+def test_hot_swap_under_load(mesh, gateway, models_dir):
+    model = "hotswap"
+    _serve(mesh, gateway, models_dir, model, 1)
+    with GatewayLoad(mesh.address("gateway"), model, clients=4) as load:
         time.sleep(2)
-        PUBLISHED["v2"] = _publish(mesh, client.release_for(MODEL, 2, swap_model / "chat-v2", label="swap-v2"))
-        flip_at = wait_for_primary(gateway, MODEL, 2)
+        _publish(mesh, client.release_for(model, 2, models_dir / "chat-v2", label="swap-v2"))
+        flip_at = wait_for_primary(gateway, model, 2, timeout=120)
         time.sleep(2)
     _check_load(load.run, flip_at, 2)
     assert {v for s in load.run.samples if s.finished < flip_at for v in s.versions} == {1}
-    versions = {v.version: v for v in gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5).versions}
+    info = gateway.GetModel(gateway_pb2.GetModelRequest(name=model), timeout=5)
+    versions = {v.version: v for v in info.versions}
     assert versions[2].state == common_pb2.VERSION_STATE_SERVING
     assert versions[1].state == common_pb2.VERSION_STATE_READY, "the previous version stays loaded for rollback"
-    info = gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5)
     v2_states = [h.state for h in info.history if h.version == 2]
     S = common_pb2
     assert v2_states == [S.VERSION_STATE_STAGED, S.VERSION_STATE_LOADING, S.VERSION_STATE_READY, S.VERSION_STATE_SERVING]
     assert info.previous_version == 1
 
 
-def test_rollback_under_load_is_back_within_a_second(mesh, gateway, admin):
-    with GatewayLoad(mesh.address("gateway"), MODEL, clients=4) as load:
+def test_rollback_under_load_is_back_within_a_second(mesh, gateway, admin, models_dir):
+    model = "rollback"
+    _serve(mesh, gateway, models_dir, model, 1, 2)
+    with GatewayLoad(mesh.address("gateway"), model, clients=4) as load:
         time.sleep(1)
         asked = time.monotonic()
-        reply = admin.Rollback(gateway_pb2.RollbackRequest(model=MODEL, reason="test"), timeout=10)
-        flip_at = wait_for_primary(gateway, MODEL, 1)
+        reply = admin.Rollback(gateway_pb2.RollbackRequest(model=model, reason="test"), timeout=10)
+        flip_at = wait_for_primary(gateway, model, 1)
         time.sleep(1.5)
     assert reply.version == 1
     assert flip_at - asked < 1.0, f"rollback took {flip_at - asked:.2f}s"
@@ -116,8 +129,8 @@ def _unloadable(d: Path) -> ReleaseEvent:
 
 
 REFUSALS = {
-    "not newer": (lambda d: client.release_for(MODEL, 2, d), "is not newer than 2"),
-    "duplicate event id": (lambda d: PUBLISHED["v2"], "duplicate event id"),
+    "not newer": (lambda d: client.release_for(MODEL, 1, d), "is not newer than 1"),
+    "duplicate event id": (lambda d: client.release_for(MODEL, 10, d, event_id=DUPLICATE_ID), "duplicate event id"),
     "missing artifact": (
         lambda d: (
             client.release_for(MODEL, 10, d).model_copy(update={"artifact_uri": "/no/such/dir"}).signed(client.release_key())
@@ -134,7 +147,7 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("case", REFUSALS)
-def test_refused_release_is_dead_lettered_and_serving_is_untouched(mesh, gateway, models_dir, tmp_path, case):
+def test_refused_release_is_dead_lettered_and_serving_is_untouched(mesh, gateway, swap_model, models_dir, tmp_path, case):
     make, reason = REFUSALS[case]
     event = _publish(mesh, make(_copy(models_dir, tmp_path)))
     assert reason in release_dead_letter(mesh.address("broker"), event.event_id)
@@ -144,13 +157,14 @@ def test_refused_release_is_dead_lettered_and_serving_is_untouched(mesh, gateway
 
 def test_release_as_json_from_a_plain_kafka_client_is_applied(mesh, gateway, models_dir):
     confluent_kafka = pytest.importorskip("confluent_kafka")
-    event = client.release_for(MODEL, 3, models_dir / "chat-v2", label="from-json", author="confluent-kafka")
+    model = "json"
+    event = client.release_for(model, 3, models_dir / "chat-v2", label="from-json", author="confluent-kafka")
     producer = confluent_kafka.Producer({"bootstrap.servers": mesh.address("broker")})
-    producer.produce("llmesh.releases", key=MODEL, value=event.model_dump_json(), headers={"content-type": "application/json"})
+    producer.produce("llmesh.releases", key=model, value=event.model_dump_json(), headers={"content-type": "application/json"})
     assert producer.flush(10) == 0
-    wait_for_primary(gateway, MODEL, 3)
-    _answers_with(gateway, 3)
-    info = gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5)
+    wait_for_primary(gateway, model, 3, timeout=120)
+    _answers_with(gateway, 3, model)
+    info = gateway.GetModel(gateway_pb2.GetModelRequest(name=model), timeout=5)
     assert {v.version: v.label for v in info.versions}[3] == "from-json"
 
 
@@ -162,19 +176,21 @@ def _loaded(mesh) -> set[tuple[str, int]]:
     return {(v.model, v.version) for v in reply.versions}
 
 
-def test_unrouted_version_drains_and_retires(gateway):
-    deadline = time.monotonic() + 30
+def test_unrouted_version_drains_and_retires(mesh, gateway, models_dir):
+    model = "retire"
+    _serve(mesh, gateway, models_dir, model, 1, 2, 3)  # 3 serves, 2 backs rollback, 1 is needed no more
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        states = {v.version: v.state for v in gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5).versions}
-        if states[2] == common_pb2.VERSION_STATE_RETIRED:
+        states = {v.version: v.state for v in gateway.GetModel(gateway_pb2.GetModelRequest(name=model), timeout=5).versions}
+        if states[1] == common_pb2.VERSION_STATE_RETIRED:
             break
         time.sleep(0.2)
     assert states == {
-        1: common_pb2.VERSION_STATE_READY,
-        2: common_pb2.VERSION_STATE_RETIRED,
+        1: common_pb2.VERSION_STATE_RETIRED,
+        2: common_pb2.VERSION_STATE_READY,
         3: common_pb2.VERSION_STATE_SERVING,
-        10: common_pb2.VERSION_STATE_FAILED,
     }
+    assert (model, 1) not in _loaded(mesh) and {(model, 2), (model, 3)} <= _loaded(mesh)
 
 
 def _kill_and_restart(mesh, service: str) -> None:
@@ -183,21 +199,25 @@ def _kill_and_restart(mesh, service: str) -> None:
     os.kill(pid, signal.SIGKILL)
     while processes.alive(pid):
         time.sleep(0.05)
-    restart(mesh, service)
+    restart(mesh, service, timeout=120)  # it loads every version the desired state needs first
 
 
-def test_killed_infer_comes_back_serving_the_same_versions(mesh, gateway):
+def test_killed_infer_comes_back_serving_the_same_versions(mesh, gateway, models_dir):
+    model = "restarted"
+    _serve(mesh, gateway, models_dir, model, 1, 2)
     before = _loaded(mesh)
-    assert {(MODEL, 3), (MODEL, 1), ("chat", 1)} <= before
+    assert {(model, 1), (model, 2), ("chat", 1)} <= before
     _kill_and_restart(mesh, "infer")
     assert _loaded(mesh) == before
-    _answers_with(gateway, 3)
+    _answers_with(gateway, 2, model)
 
 
-def test_killed_tokenize_comes_back_and_tokenizes_every_version(mesh, gateway):
+def test_killed_tokenize_comes_back_and_tokenizes_every_version(mesh, gateway, models_dir):
+    model = "tokenized"
+    _serve(mesh, gateway, models_dir, model, 1, 2)
     _kill_and_restart(mesh, "tokenize")
-    _answers_with(gateway, 3)
+    _answers_with(gateway, 2, model)
     with grpc.insecure_channel(mesh.address("tokenize")) as channel:
         stub = tokenize_pb2_grpc.TokenizerStub(channel)
-        for version in (1, 3):
-            assert stub.Tokenize(tokenize_pb2.TokenizeRequest(model=MODEL, version=version, text="The"), timeout=10).ids
+        for version in (1, 2):
+            assert stub.Tokenize(tokenize_pb2.TokenizeRequest(model=model, version=version, text="The"), timeout=10).ids

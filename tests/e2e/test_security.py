@@ -7,9 +7,11 @@ import asyncio
 import datetime
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,3 +222,18 @@ def test_beyond_its_bound_the_gateway_answers_resource_exhausted(mesh, secure):
         outcomes = list(pool.map(one, range(6)))
     assert "RESOURCE_EXHAUSTED" in outcomes and "OK" in outcomes
     assert stub.Generate(REQUEST, timeout=30).text, "the gateway serves again once the load is gone"
+
+
+def test_a_signed_release_of_a_folder_outside_the_artifact_roots_is_refused(mesh: StackLayout, models_dir: Path):
+    """The embedded stack allows only the demo models, the folders named at `up` and the model store:
+    a Kafka client holding the key still cannot make infer read an arbitrary folder."""
+    from tests.e2e.kafka_tools import release_dead_letter
+
+    outside = Path(tempfile.mkdtemp(prefix="llmesh-outside-", dir="/var/tmp"))
+    try:
+        shutil.copytree(models_dir / "chat-v2", outside / "chat", dirs_exist_ok=True)
+        event = client.release_for("outside", 1, outside / "chat")
+        asyncio.run(client.publish_release(mesh.address("broker"), event))
+        assert "outside the model store" in release_dead_letter(mesh.address("broker"), event.event_id)
+    finally:
+        shutil.rmtree(outside)

@@ -65,3 +65,40 @@ def test_signature_check_refuses_missing_and_wrong_signatures():
         event.check_signature(b"key")
     with pytest.raises(InvalidEvent, match="bad signature"):
         event.signed(b"other").check_signature(b"key")
+
+
+def test_an_oversized_event_is_refused_before_it_is_parsed():
+    payload = b'{"model": "chat", "version": 1, "artifact_uri": "/m", "label": "' + b"x" * 2_000_000 + b'"}'
+    with pytest.raises(InvalidEvent, match=r"2000[0-9]+ bytes; at most 262144"):
+        ReleaseEvent.parse(payload, topics.CONTENT_TYPE_JSON)
+
+
+def test_an_event_without_id_gets_the_same_id_from_the_same_bytes_at_the_same_place():
+    payload = b'{"model": "chat", "version": 2, "artifact_uri": "/m", "mode": "rollback"}'
+    first = ReleaseEvent.parse(payload, topics.CONTENT_TYPE_JSON, place="llmesh.releases/0/7")
+    again = ReleaseEvent.parse(payload, topics.CONTENT_TYPE_JSON, place="llmesh.releases/0/7")
+    elsewhere = ReleaseEvent.parse(payload, topics.CONTENT_TYPE_JSON, place="llmesh.releases/0/9")
+    assert first == again and first.event_id.startswith("derived-") and first.created_at == 0.0
+    assert elsewhere.event_id != first.event_id
+    proto = ReleaseEvent.model_validate_json(payload).to_proto()
+    proto.event_id, proto.created_at = "", 0
+    wire = proto.SerializeToString()
+    assert (
+        ReleaseEvent.parse(wire, topics.CONTENT_TYPE_PROTOBUF, place="p").event_id
+        == ReleaseEvent.parse(wire, topics.CONTENT_TYPE_PROTOBUF, place="p").event_id
+    )
+
+
+def test_a_hand_written_event_is_signed_over_the_fields_it_carries():
+    import hashlib
+    import hmac
+    import json
+
+    fields = {"model": "chat", "version": 2, "artifact_uri": "/m", "mode": "swap"}
+    canonical = ReleaseEvent.model_validate(fields).model_dump(mode="json", exclude={"event_id", "created_at", "signature"})
+    signature = hmac.new(b"key", json.dumps(canonical, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+    event = ReleaseEvent.parse(json.dumps(fields | {"signature": signature}).encode(), topics.CONTENT_TYPE_JSON, place="p")
+    event.check_signature(b"key")
+    forged = ReleaseEvent.parse(json.dumps(fields | {"version": 3, "signature": signature}).encode(), "", place="p")
+    with pytest.raises(InvalidEvent, match="bad signature"):
+        forged.check_signature(b"key")

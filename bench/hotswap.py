@@ -14,6 +14,7 @@ import grpc
 from bench.common import plot_failed, pyplot, save, summary
 from llmesh import client
 from llmesh.loadgen import GatewayLoad, LoadRun, Sample, wait_for_primary
+from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import gateway_pb2_grpc
 
@@ -85,7 +86,14 @@ def run_benchmark(
 
 
 def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
-    steady = 1.0 if quick else 10.0
-    result, load, published, flipped = run_benchmark(layout, layout.models_dir, 2 if quick else 4, steady, steady)
+    """The swap with one infer replica, then with two (each loads v2 before the routing moves)."""
+    steady, clients = (1.0, 2) if quick else (10.0, 4)
+    result, load, published, flipped = run_benchmark(layout, layout.models_dir, clients, steady, steady)
     plot(load, published, flipped, out / "hotswap.png")
-    return result
+    stack.scale_infer(layout, 2, lambda _: None)
+    try:
+        two, load, published, flipped = run_benchmark(layout, layout.models_dir, clients, steady, steady)
+    finally:
+        stack.scale_infer(layout, 1, lambda _: None)
+    plot(load, published, flipped, out / "hotswap_2_replicas.png")
+    return result | {"two_replicas": two}

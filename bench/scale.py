@@ -12,11 +12,11 @@ import grpc
 
 from bench.common import pyplot, save, summary
 from bench.overhead import Paths, closed_loop, prompt_ids
-from llmesh.stack import processes, stack
+from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import infer_pb2, infer_pb2_grpc
 
-SECOND = "infer2"
+SECOND = "infer-2"
 
 
 def _throughput(layout: StackLayout, concurrency: int, seconds: float) -> dict[str, float]:
@@ -43,10 +43,11 @@ def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
     concurrency, seconds = (4, 3.0) if quick else (8, 15.0)
     one = _throughput(layout, concurrency, seconds)
     try:
-        _check_loaded(stack.start_infer_replica(layout, SECOND))
+        stack.scale_infer(layout, 2, lambda _: None)
+        _check_loaded(f"127.0.0.1:{stack.extra_replicas(layout)[SECOND]['grpc']}")
         two = _throughput(layout, concurrency, seconds)
     finally:
-        processes.stop(layout, SECOND)
+        stack.scale_infer(layout, 1, lambda _: None)
     result = {
         "concurrency": concurrency,
         "max_tokens": 16,

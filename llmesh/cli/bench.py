@@ -71,6 +71,13 @@ def table(summary: dict[str, Any]) -> Table:
         out.add_row(
             "hot swap: failed / mixed responses", f"{swap['failed_requests']} / {swap['mixed_version_responses']}", "0 / 0"
         )
+        for label, figures in (("1 infer replica", swap), ("2 infer replicas", swap.get("two_replicas", {}))):
+            if figures:
+                out.add_row(
+                    f"hot swap, {label}: event to routed / p99 swap vs steady",
+                    f"{figures['event_to_routed_s']:.2f}s / {figures['swap_window_p99_ms']:.0f} vs {figures['steady_p99_ms']:.0f} ms",
+                    "",
+                )
     scale = summary.get("scale")
     if scale:
         out.add_row("throughput, 2 infer replicas / 1", f"{scale['throughput_ratio_2_vs_1']:.2f}", "")

@@ -31,7 +31,7 @@ from llmesh.stack import processes, stack
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import common_pb2, gateway_pb2, infer_pb2, infer_pb2_grpc, tokenize_pb2, tokenize_pb2_grpc
 from tests.e2e.conftest import RELEASE_KEY
-from tests.e2e.restarts import restart
+from tests.e2e.restarts import kill_and_restart
 
 pytestmark = pytest.mark.slow
 
@@ -162,15 +162,6 @@ def _snapshot(gateway, model: str) -> tuple[object, ...]:
     )
 
 
-def _kill_and_restart(mesh: StackLayout, service: str) -> None:
-    pid = processes.pid_of(mesh, service)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    while processes.alive(pid):
-        time.sleep(0.05)
-    restart(mesh, service, timeout=120)
-
-
 def test_json_releases_without_event_id_are_not_applied_again_on_replay(fleet, gateway, models_dir: Path):
     model = "replay"
     for version, artifacts, mode in (
@@ -183,7 +174,7 @@ def test_json_releases_without_event_id_are_not_applied_again_on_replay(fleet, g
     before = _snapshot(gateway, model)
     assert before[0] == 1 and before[1] == 2
     for _ in range(2):
-        _kill_and_restart(fleet, "infer")  # reads the release topic again from offset 0
+        kill_and_restart(fleet, "infer")  # reads the release topic again from offset 0
         assert _snapshot(gateway, model) == before
     stack.scale_infer(fleet, 3, print)
     try:
@@ -200,7 +191,7 @@ def test_a_version_keeps_serving_after_its_folder_is_deleted_and_every_service_r
     wait_for_primary(gateway, model, 1, timeout=120)
     shutil.rmtree(folder)
     for service in ("gateway", "tokenize", "eval", "infer"):
-        _kill_and_restart(fleet, service)
+        kill_and_restart(fleet, service)
     assert _generate(gateway, model).version == 1
     states = {v.version: v.state for v in _model(gateway, model).versions}
     assert states == {1: common_pb2.VERSION_STATE_SERVING}

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -19,10 +18,9 @@ import pytest
 from llmesh import client
 from llmesh.common.events import ReleaseEvent, ReleaseMode
 from llmesh.loadgen import GatewayLoad, LoadRun, wait_for_primary
-from llmesh.stack import processes
 from llmesh.v1 import common_pb2, gateway_pb2, infer_pb2, infer_pb2_grpc, tokenize_pb2, tokenize_pb2_grpc
 from tests.e2e.kafka_tools import release_dead_letter
-from tests.e2e.restarts import restart
+from tests.e2e.restarts import kill_and_restart
 
 pytestmark = pytest.mark.slow
 MODEL = "swap"  # serving v1, for the refusals
@@ -193,21 +191,12 @@ def test_unrouted_version_drains_and_retires(mesh, gateway, models_dir):
     assert (model, 1) not in _loaded(mesh) and {(model, 2), (model, 3)} <= _loaded(mesh)
 
 
-def _kill_and_restart(mesh, service: str) -> None:
-    pid = processes.pid_of(mesh, service)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    while processes.alive(pid):
-        time.sleep(0.05)
-    restart(mesh, service, timeout=120)  # it loads every version the desired state needs first
-
-
 def test_killed_infer_comes_back_serving_the_same_versions(mesh, gateway, models_dir):
     model = "restarted"
     _serve(mesh, gateway, models_dir, model, 1, 2)
     before = _loaded(mesh)
     assert {(model, 1), (model, 2), ("chat", 1)} <= before
-    _kill_and_restart(mesh, "infer")
+    kill_and_restart(mesh, "infer")
     assert _loaded(mesh) == before
     _answers_with(gateway, 2, model)
 
@@ -215,7 +204,7 @@ def test_killed_infer_comes_back_serving_the_same_versions(mesh, gateway, models
 def test_killed_tokenize_comes_back_and_tokenizes_every_version(mesh, gateway, models_dir):
     model = "tokenized"
     _serve(mesh, gateway, models_dir, model, 1, 2)
-    _kill_and_restart(mesh, "tokenize")
+    kill_and_restart(mesh, "tokenize")
     _answers_with(gateway, 2, model)
     with grpc.insecure_channel(mesh.address("tokenize")) as channel:
         stub = tokenize_pb2_grpc.TokenizerStub(channel)

@@ -64,3 +64,22 @@ def test_unlisted_files_are_refused(artifacts: Path):
     del digests["tokenizer.json"]
     with pytest.raises(InvalidEvent, match=r"no sha256 given for tokenizer.json"):
         verify_release(_event(artifacts, sha256=digests))
+
+
+def test_pickle_suffixes_are_refused_whatever_their_case(artifacts: Path):
+    (artifacts / "extra.BIN").write_bytes(b"pickle")
+    with pytest.raises(InvalidEvent, match=r"pickled weights are refused \(extra.BIN\)"):
+        verify_release(_event(artifacts))
+
+
+def test_the_model_store_keeps_one_read_only_copy_per_digest(artifacts: Path, tmp_path: Path):
+    from services.infer.repository import ModelStore
+
+    event = _event(artifacts)
+    store = ModelStore(tmp_path / "store")
+    stored = store.put(event.content_digest(), verify_release(event))
+    assert stored["model.safetensors"].parent == tmp_path / "store" / event.content_digest()
+    assert stored["model.safetensors"].stat().st_mode & 0o222 == 0
+    assert set(store.files(event.content_digest(), event.sha256)) == set(event.sha256)
+    with pytest.raises(InvalidEvent, match="not a content digest"):
+        store.path("../etc")

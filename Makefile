@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # pip's notes about the local package mirrors are noise here
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo test lint unit e2e protos down
+.PHONY: setup demo test lint unit fast e2e protos down
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,6 +41,10 @@ protos: setup
 
 unit: setup
 	$(BIN)/pytest tests/unit -q
+
+# while iterating: everything that starts no process (CI runs everything)
+fast: setup
+	$(BIN)/pytest -q -m "not slow and not container"
 
 # the container tests (tests/container) need a Docker engine: this starts one where it can
 test: lint $(BIN)/kubectl

@@ -3,6 +3,7 @@ headers, and the dead-letter publisher."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -11,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker, KafkaMessage
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Histogram
@@ -129,14 +130,27 @@ def headers_for(message: Message, request_id: str = "", **extra: str) -> dict[st
     return out
 
 
+PUBLISH_ATTEMPTS = 4
+
+
 async def publish_task(
     broker: KafkaBroker, task: events_pb2.InferTask, reply_to: str, traceparent: str, *, wait: bool = True
 ) -> None:
-    """An InferTask to infer, keyed by request id, with where to answer, its trace and its deadline."""
-    extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent, Header.DEADLINE: str(task.deadline_unix_ms)}
+    """An InferTask to infer, keyed by request id, with where to answer, its trace and its deadline.
+    A retriable broker error (a partition's leader moved, after a broker restart) is retried a few
+    times: infer runs a task once however often it arrives (its lease claim)."""
+    extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent, Header.DEADLINE: str(task.deadline_unix_ms or "")}
     headers = headers_for(task, task.request_id, **extra)
     value, key = task.SerializeToString(), task.request_id.encode()
-    await broker.publish(value, topics.INFER_REQUESTS, key=key, headers=headers, no_confirm=not wait)
+    for attempt in range(PUBLISH_ATTEMPTS):
+        try:
+            await broker.publish(value, topics.INFER_REQUESTS, key=key, headers=headers, no_confirm=not wait)
+            return
+        except KafkaError as err:
+            if not err.retriable or attempt == PUBLISH_ATTEMPTS - 1:
+                raise
+            log.warning("publish failed; retrying", extra={"error": repr(err), "request_id": task.request_id})
+            await asyncio.sleep(0.2 * 2**attempt)
 
 
 def expired(msg: KafkaMessage) -> bool:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
+from aiokafka.errors import KafkaError
 from faststream.kafka import KafkaMessage
 from prometheus_client import Counter
 
@@ -124,9 +125,10 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
             stream=task.stream,
             deadline_unix_ms=task.deadline_unix_ms,
         )
-        extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent, Header.DEADLINE: str(task.deadline_unix_ms or "")}
-        headers = kafka.headers_for(infer, task.request_id, **extra)
-        await self.broker.publish(infer.SerializeToString(), topics.INFER_REQUESTS, key=task.request_id.encode(), headers=headers)
+        try:
+            await kafka.publish_task(self.broker, infer, reply_to, traceparent)
+        except KafkaError as err:
+            await self._reject(task, reply_to, grpc.StatusCode.UNAVAILABLE, f"the broker did not take the task ({err}); retry")
 
     async def _reject(self, task: events_pb2.GenerateTask, reply_to: str, code: grpc.StatusCode, message: str) -> None:
         REJECTED.labels(code.name).inc()

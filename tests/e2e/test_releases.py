@@ -131,7 +131,9 @@ REFUSALS = {
     "duplicate event id": (lambda d: client.release_for(MODEL, 10, d, event_id=DUPLICATE_ID), "duplicate event id"),
     "missing artifact": (
         lambda d: (
-            client.release_for(MODEL, 10, d).model_copy(update={"artifact_uri": "/no/such/dir"}).signed(client.release_key())
+            client.release_for(MODEL, 10, d)
+            .model_copy(update={"artifact_uri": str(d.parent / "no-such-dir")})  # inside the allowed folders
+            .signed(client.release_key())
         ),
         "does not exist",
     ),

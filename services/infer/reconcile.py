@@ -43,8 +43,8 @@ def ready_key(replica: str) -> str:
     return f"llmesh:infer:ready:{replica}"
 
 
-def ready_entry(model: str, record: VersionRecord) -> str:
-    return f"{model}@{record.version}@{record.digest}"
+def ready_entry(model: str, version: int, digest: str) -> str:
+    return f"{model}@{version}@{digest}"
 
 
 def _why(desired: Routing, version: int, otherwise: str = "") -> str:
@@ -185,7 +185,7 @@ class Reconciler:
             pass
 
     async def _report_ready(self) -> None:
-        entries = {f"{v.model}@{v.version}@{v.digest}" for v in self.served.all()}
+        entries = {ready_entry(v.model, v.version, v.digest) for v in self.served.all()}
         if entries == self._reported:
             return
         async with self.registry.redis.pipeline(transaction=True) as pipe:
@@ -230,7 +230,7 @@ class Reconciler:
 
     async def _ready_everywhere(self, model: str, record: VersionRecord, desired: Routing) -> bool:
         live = await self.live_replicas()
-        entry = ready_entry(model, record)
+        entry = ready_entry(model, record.version, record.digest)
         ready = {r for r in live if await self.registry.redis.sismember(ready_key(r), entry)}
         if self._loaded_as(model, record):
             ready.add(self.replica)

@@ -22,15 +22,19 @@ from llmesh.common.settings import KafkaSettings
 async def round_trips(settings: KafkaSettings, n: int, payload: bytes = b"x" * 200) -> list[float]:
     """`n` sequential produce -> consume round trips in ms."""
     topic = f"llmesh.bench.rtt.{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, **settings.client_kwargs())
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, 1, 1)])
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=0, acks=1)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=0, acks=1, **settings.client_kwargs())
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=settings.bootstrap, fetch_max_wait_ms=settings.fetch_max_wait_ms, auto_offset_reset="latest"
+        topic,
+        bootstrap_servers=settings.bootstrap,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        auto_offset_reset="latest",
+        **settings.client_kwargs(),
     )
     await producer.start()
     await consumer.start()
@@ -59,7 +63,7 @@ async def round_trips(settings: KafkaSettings, n: int, payload: bytes = b"x" * 2
     finally:
         await consumer.stop()
         await producer.stop()
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, **settings.client_kwargs())
         await admin.start()
         try:
             await admin.delete_topics([topic])

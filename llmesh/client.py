@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.common import kafka, topics
 from llmesh.common.events import ReleaseEvent, ReleaseMode, artifact_digests
+from llmesh.common.settings import KafkaSettings
 
 
 def release_key() -> bytes | None:
@@ -39,8 +40,14 @@ def release_for(model: str, version: int, artifacts: Path, **fields: object) -> 
     return event.signed(release_key())
 
 
-async def publish_release(bootstrap: str, event: ReleaseEvent) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", client_id="llmesh-cli")
+async def publish_release(kafka_settings: KafkaSettings | str, event: ReleaseEvent) -> None:
+    """Publish `event` on the release topic; a bare bootstrap string means a plaintext broker (the
+    embedded stack's), KafkaSettings carry TLS and SASL (settings.kafka_from_env reads LLMESH_KAFKA__*)."""
+    if isinstance(kafka_settings, str):
+        kafka_settings = KafkaSettings(bootstrap=kafka_settings)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_settings.bootstrap, acks="all", client_id="llmesh-cli", **kafka_settings.client_kwargs()
+    )
     await producer.start()
     try:
         value, key, headers = kafka.release_record(event)
@@ -66,16 +73,20 @@ class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         return continuation(self._with_key(details), request)
 
 
-def gateway_channel(address: str, api_key: str | None = None, tls_ca: Path | None = None) -> grpc.Channel:
-    """A channel to a gateway: TLS when `tls_ca` (the CA that signed the gateway's certificate;
-    default: LLMESH_TLS_CA) is given, and the API key (default: LLMESH_API_KEY) on every call."""
+def channel(address: str, api_key: str | None = None, tls_ca: Path | None = None) -> grpc.Channel:
+    """A channel to any service of the mesh (gateway, tokenize, infer, eval): TLS when `tls_ca` (the
+    CA that signed the service's certificate; default: LLMESH_TLS_CA) is given, and the API key
+    (default: LLMESH_API_KEY) on every call, for services that require keys."""
     tls_ca = tls_ca or (Path(os.environ["LLMESH_TLS_CA"]) if os.environ.get("LLMESH_TLS_CA") else None)
     if tls_ca is not None:
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes()))
+        plain = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes()))
     else:
-        channel = grpc.insecure_channel(address)
+        plain = grpc.insecure_channel(address)
     key = api_key or os.environ.get("LLMESH_API_KEY")
-    return grpc.intercept_channel(channel, _ApiKey(key)) if key else channel
+    return grpc.intercept_channel(plain, _ApiKey(key)) if key else plain
+
+
+gateway_channel = channel
 
 
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:

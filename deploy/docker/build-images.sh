@@ -27,7 +27,8 @@ if ! has_image python:3.11-slim-bookworm && ! "$DOCKER" pull -q python:3.11-slim
   "$DOCKER" build -q --network=host -t python:3.11-slim-bookworm -f $here/base/python.Dockerfile $here/base
 fi
 
-python3 -m pip download -q --disable-pip-version-check -d $here/wheels '.[all]' setuptools wheel 2>&1 \
+# every service's extras; not `stack` (the embedded broker and Redis): no image runs them
+python3 -m pip download -q --disable-pip-version-check -d $here/wheels '.[infer,eval]' setuptools wheel 2>&1 \
   | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 "$DOCKER" build -q --network=none -t llmesh/runtime:$TAG -f $here/runtime.Dockerfile .
 for extra in infer eval; do

@@ -12,7 +12,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.progress import Progress
 
-from llmesh import backtest
+from llmesh import backtest, client
 from llmesh.cli import report
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import eval_pb2, eval_pb2_grpc
@@ -78,8 +78,12 @@ def eval_report(
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
     """Per-version aggregates, candidates against their primary, and token usage per API key."""
-    with grpc.insecure_channel(_address(home, "eval", eval_address)) as channel:
-        result = eval_pb2_grpc.EvalStub(channel).GetReport(eval_pb2.GetReportRequest(model=model), timeout=10)
+    with client.channel(_address(home, "eval", eval_address)) as channel:  # LLMESH_API_KEY: a read or admin key
+        try:
+            result = eval_pb2_grpc.EvalStub(channel).GetReport(eval_pb2.GetReportRequest(model=model), timeout=10)
+        except grpc.RpcError as err:
+            console.print(f"[red]{err.code().name}[/]: {err.details()}")
+            raise typer.Exit(1) from err
     versions, candidates, usage = _rows(result.versions), _rows(result.candidates), _rows(result.usage)
     if json_out:
         console.print_json(data={"versions": versions, "candidates": candidates, "usage": usage})

@@ -1,4 +1,4 @@
-"""`llmesh keys`: API keys for the gateway (stored hashed in Redis)."""
+"""`llmesh keys`: API keys for the mesh's gRPC services (stored hashed in Redis)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _run(redis_url: str | None, home: Path, work: Callable[[ApiKeyStore], Awaita
 @app.command()
 def create(
     name: Annotated[str, typer.Option(help="who or what the key is for")],
-    scope: Annotated[list[Scope], typer.Option(help="generate and/or admin")] = [Scope.GENERATE],  # noqa: B006
+    scope: Annotated[list[Scope], typer.Option(help="generate, read and/or admin")] = [Scope.GENERATE],  # noqa: B006
     rps: Annotated[float, typer.Option(min=0, help="requests per second (0: no limit)")] = 0.0,
     tokens_per_minute: Annotated[int, typer.Option(min=0, help="prompt + completion tokens per minute (0: no limit)")] = 0,
     redis_url: RedisOpt = None,

@@ -14,7 +14,9 @@ from typing import Annotated, Optional
 
 import grpc
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmesh import client
@@ -22,7 +24,8 @@ from llmesh.cli import bench as bench_cli
 from llmesh.cli import eval as eval_cli
 from llmesh.cli import keys as keys_cli
 from llmesh.common.events import ReleaseMode
-from llmesh.stack import processes, stack
+from llmesh.common.settings import KafkaSettings, kafka_from_env
+from llmesh.stack import binaries, processes, stack, supervisor
 from llmesh.stack.layout import SERVICES, StackLayout
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -73,8 +76,8 @@ def up(
         layout = stack.up(
             home.resolve(), _say, free_ports=free_ports, infer_replicas=infer_replicas, artifact_roots=artifact_root
         )
-    except processes.StartFailed as err:
-        err_console.print(f"[red]llmesh up failed:[/] {err}")
+    except (processes.StartFailed, binaries.NotInstalled) as err:
+        err_console.print(f"[red]llmesh up failed:[/] {escape(str(err))}")
         raise typer.Exit(1) from err
     _say(f"up in {time.perf_counter() - started:.1f}s")
     _print_status(layout)
@@ -113,20 +116,26 @@ def status(home: HomeOpt = Path(".llmesh")) -> None:
 
 def _print_status(layout: StackLayout) -> None:
     table = Table(title=f"llmesh stack in {layout.home}")
-    for column in ("process", "pid", "listens on", "health", "metrics"):
+    for column in ("process", "pid", "listens on", "health", "restarts", "metrics"):
         table.add_column(column)
-    for name in ("broker", "redis", "tritonserver", *SERVICES):
+    restarted = supervisor.restarts(layout)
+
+    def row(name: str, pid: int | None, address: str, health: str, metrics: str) -> None:
+        count = int(restarted.get(name, {}).get("restarts", 0))
+        table.add_row(name, str(pid or "-"), address, health, str(count) if count else "-", metrics)
+
+    for name in ("supervisor", "broker", "redis", "tritonserver", *SERVICES):
         pid = processes.pid_of(layout, name)
         if name == "tritonserver" and (infer := processes.pid_of(layout, "infer")):
             pid = processes.child_named(infer, name)  # infer runs it
         port = layout.ports.get(name) or layout.ports.get("triton_grpc")
         health = client.health_status(layout.address(name)) if name in SERVICES else ("running" if pid else "stopped")
         metrics = f"http://127.0.0.1:{layout.ports[name + '_metrics']}/metrics" if name in SERVICES else ""
-        table.add_row(name, str(pid or "-"), f"127.0.0.1:{port}", health, metrics)
+        row(name, pid, f"127.0.0.1:{port}" if name != "supervisor" else "", health, metrics)
     for name, ports in stack.extra_replicas(layout).items():
         address, pid = f"127.0.0.1:{ports['grpc']}", processes.pid_of(layout, name)
         health = client.health_status(address) if pid else "stopped"
-        table.add_row(name, str(pid or "-"), address, health, f"http://127.0.0.1:{ports['metrics']}/metrics")
+        row(name, pid, address, health, f"http://127.0.0.1:{ports['metrics']}/metrics")
     console.print(table)
     console.print(f"logs: {layout.logs}")
 
@@ -243,19 +252,28 @@ def release_publish(
     label: str = "",
     author: str = "",
     reason: str = "",
-    bootstrap: Annotated[Optional[str], typer.Option(help="Kafka bootstrap (default: the local stack)")] = None,  # noqa: UP045
+    bootstrap: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Kafka bootstrap (default: the local stack); TLS and SASL from LLMESH_KAFKA__*"),
+    ] = None,
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
     """Publish a release event (sha256 of every artifact file computed here), signed with
     LLMESH_RELEASE_HMAC_KEY or, for the local stack, with the key it made."""
     if bootstrap is None:
         layout = _layout(home)
-        bootstrap = layout.address("broker")
+        kafka_settings = KafkaSettings(bootstrap=layout.address("broker"))  # the embedded broker: plaintext
         os.environ.setdefault("LLMESH_RELEASE_HMAC_KEY", layout.release_key())
+    else:
+        try:
+            kafka_settings = kafka_from_env(bootstrap)
+        except ValidationError as err:
+            err_console.print(f"LLMESH_KAFKA__* settings are not valid: {err}", markup=False)
+            raise typer.Exit(2) from err
     event = client.release_for(
         model, version, artifacts, mode=mode, share_percent=share, label=label, author=author, reason=reason
     )
-    asyncio.run(client.publish_release(bootstrap, event))
+    asyncio.run(client.publish_release(kafka_settings, event))
     _say(f"published {event.event_id}: {model} v{version} ({mode.value})")
 
 

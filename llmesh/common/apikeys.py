@@ -36,8 +36,9 @@ def bucket_key(key_id: str, kind: str) -> str:
 
 
 class Scope(StrEnum):
-    GENERATE = "generate"  # Generate, GenerateStream, ListModels, GetModel
-    ADMIN = "admin"  # the Admin service: releases and rollbacks
+    GENERATE = "generate"  # the Gateway service (Generate, GenerateStream, ListModels, GetModel) and Tokenizer
+    READ = "read"  # the Eval service's reports, with the usage of the caller's own key only
+    ADMIN = "admin"  # the Admin service (releases and rollbacks), Infer, and every key's usage in reports
 
 
 class ApiKey(BaseModel):

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from llmesh.common import topics
+from llmesh.common.validation import MODEL_NAME_PATTERN
 from llmesh.v1 import events_pb2
 
 
@@ -37,7 +38,7 @@ class ReleaseEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
-    model: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
     version: int = Field(ge=1, le=2**31 - 1)
     label: str = Field(default="", max_length=128)
     artifact_uri: str = Field(min_length=1, max_length=4096)

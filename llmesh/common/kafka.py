@@ -14,12 +14,14 @@ from typing import Any, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Histogram
 
 from llmesh.common import tansu_compat, topics
 from llmesh.common.events import ReleaseEvent
 from llmesh.common.polling import AdaptivePolling
+from llmesh.common.seal import BrokenSeal, MeshSeal
 from llmesh.common.settings import KafkaSettings
 from llmesh.common.topics import Header
 from llmesh.v1 import events_pb2
@@ -35,10 +37,29 @@ M = TypeVar("M", bound=Message)
 tansu_compat.apply()
 
 
+SASL_SECURITY: dict[str, Callable[..., BaseSecurity]] = {
+    "PLAIN": SASLPlaintext,
+    "SCRAM-SHA-256": SASLScram256,
+    "SCRAM-SHA-512": SASLScram512,
+}
+
+
+def broker_security(settings: KafkaSettings) -> BaseSecurity | None:
+    """KafkaSettings.client_kwargs() as FastStream's KafkaBroker takes it (it hands aiokafka the same)."""
+    kwargs = settings.client_kwargs()
+    context, tls = kwargs.get("ssl_context"), settings.security_protocol in ("SSL", "SASL_SSL")
+    if mechanism := kwargs.get("sasl_mechanism"):
+        return SASL_SECURITY[mechanism](
+            kwargs["sasl_plain_username"], kwargs["sasl_plain_password"], ssl_context=context, use_ssl=tls
+        )
+    return BaseSecurity(ssl_context=context, use_ssl=True) if tls else None
+
+
 def make_broker(settings: KafkaSettings, client_id: str) -> KafkaBroker:
     """A broker tuned for latency: no linger, leader-only acks, no auto-created topics."""
     return KafkaBroker(
         settings.bootstrap,
+        security=broker_security(settings),
         client_id=client_id,
         linger_ms=0,
         acks=1,
@@ -69,11 +90,12 @@ def consumer_options(
     return options
 
 
-async def ensure_topics(bootstrap: str, extra: Mapping[str, int] | None = None) -> list[str]:
-    """Create every mesh topic that does not exist yet; returns the names created."""
+async def ensure_topics(settings: KafkaSettings, extra: Mapping[str, int] | None = None) -> list[str]:
+    """Create every mesh topic that does not exist yet; returns the names created. (Where the topics
+    are made beforehand, as Strimzi KafkaTopics, this needs only Describe on them.)"""
     specs = [NewTopic(t.name, t.partitions, 1, topic_configs=_configs(t)) for t in topics.TOPICS]
     specs += [NewTopic(name, parts, 1) for name, parts in (extra or {}).items()]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="llmesh-admin")
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="llmesh-admin", **settings.client_kwargs())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -133,24 +155,35 @@ def headers_for(message: Message, request_id: str = "", **extra: str) -> dict[st
 PUBLISH_ATTEMPTS = 4
 
 
-async def publish_task(
-    broker: KafkaBroker, task: events_pb2.InferTask, reply_to: str, traceparent: str, *, wait: bool = True
-) -> None:
-    """An InferTask to infer, keyed by request id, with where to answer, its trace and its deadline.
-    A retriable broker error (a partition's leader moved, after a broker restart) is retried a few
-    times: infer runs a task once however often it arrives (its lease claim)."""
-    extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent, Header.DEADLINE: str(task.deadline_unix_ms or "")}
-    headers = headers_for(task, task.request_id, **extra)
-    value, key = task.SerializeToString(), task.request_id.encode()
-    for attempt in range(PUBLISH_ATTEMPTS):
-        try:
-            await broker.publish(value, topics.INFER_REQUESTS, key=key, headers=headers, no_confirm=not wait)
-            return
-        except KafkaError as err:
-            if not err.retriable or attempt == PUBLISH_ATTEMPTS - 1:
-                raise
-            log.warning("publish failed; retrying", extra={"error": repr(err), "request_id": task.request_id})
-            await asyncio.sleep(0.2 * 2**attempt)
+class Outbox:
+    """Publishes the mesh's own protobuf messages, each sealed with the mesh key (llmesh/common/seal.py)."""
+
+    def __init__(self, broker: KafkaBroker, seal: MeshSeal) -> None:
+        self.broker, self.seal = broker, seal
+
+    async def send(
+        self, message: Message, topic: str, key: str, *, request_id: str = "", no_confirm: bool = False, **extra: str
+    ) -> None:
+        body, raw_key = message.SerializeToString(), key.encode()
+        headers = self.seal.headers(topic, raw_key, body, headers_for(message, request_id, **extra))
+        await self.broker.publish(body, topic, key=raw_key, headers=headers, no_confirm=no_confirm)
+
+    async def task(self, task: events_pb2.InferTask, reply_to: str, traceparent: str, *, wait: bool = True) -> None:
+        """An InferTask to infer, keyed by request id, with where to answer, its trace and its deadline.
+        A retriable broker error (a partition's leader moved, after a broker restart) is retried a few
+        times: infer runs a task once however often it arrives (its lease claim)."""
+        extra = {Header.REPLY_TO: reply_to, Header.TRACEPARENT: traceparent, Header.DEADLINE: str(task.deadline_unix_ms or "")}
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await self.send(
+                    task, topics.INFER_REQUESTS, task.request_id, request_id=task.request_id, no_confirm=not wait, **extra
+                )
+                return
+            except KafkaError as err:
+                if not err.retriable or attempt == PUBLISH_ATTEMPTS - 1:
+                    raise
+                log.warning("publish failed; retrying", extra={"error": repr(err), "request_id": task.request_id})
+                await asyncio.sleep(0.2 * 2**attempt)
 
 
 def expired(msg: KafkaMessage) -> bool:
@@ -194,8 +227,17 @@ class DeadLetters:
         log.warning("dead-lettered", extra={"reason": reason, "topic": raw.topic, "offset": raw.offset})
         await self.broker.publish(body, topics.DEAD_LETTER, key=(raw.key or b"")[:1024] or None, headers=headers)
 
-    async def decode(self, msg: KafkaMessage, schema: type[M]) -> M | None:
-        """The protobuf payload of `msg`, or None once it has been dead-lettered with the reason."""
+    async def decode(self, msg: KafkaMessage, schema: type[M], seal: MeshSeal | None = None) -> M | None:
+        """The protobuf payload of `msg`, or None once it has been dead-lettered with the reason.
+        With `seal`: a message the mesh made itself, refused unless it carries the mesh key's seal."""
+        if seal is not None:
+            raw = msg.raw_message
+            record = raw if not isinstance(raw, tuple) else raw[0]
+            try:
+                seal.check(record.topic, record.key, msg.body, msg.headers)
+            except BrokenSeal as err:
+                await self.send(msg, f"{schema.DESCRIPTOR.name} refused: {err}")
+                return None
         try:
             return schema.FromString(msg.body)
         except DecodeError as err:

@@ -1,8 +1,11 @@
-"""A service whose Redis or broker is unreachable answers UNAVAILABLE (retry later), never UNKNOWN."""
+"""A service whose Redis or broker is unreachable answers UNAVAILABLE (retry later), never UNKNOWN;
+any other failure of a handler answers INTERNAL with a short fixed message and an error id (the
+traceback is logged under that id), never the exception's text."""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,17 +21,19 @@ BROKER_ERRORS = (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, Req
 OUTAGE_ERRORS = REDIS_ERRORS + BROKER_ERRORS
 ANY_UNARY = grpc.unary_unary_rpc_method_handler(lambda request, context: None)
 ANSWERED = Counter("llmesh_outage_unavailable_total", "Calls answered UNAVAILABLE because a dependency was down", ["dependency"])
+FAILED = Counter("llmesh_grpc_internal_errors_total", "Calls or tasks answered INTERNAL because they failed unexpectedly")
 
 
 def describe(err: Exception) -> tuple[str, str]:
     """(dependency, message for the caller) of an outage error."""
     dependency = "redis" if isinstance(err, REDIS_ERRORS) else "broker"
     what = "the registry (Redis)" if dependency == "redis" else "the Kafka broker"
-    return dependency, f"{what} is unreachable ({type(err).__name__}: {err}); retry later"
+    return dependency, f"{what} is unreachable ({type(err).__name__}); retry later"  # the error's text only in the log
 
 
 class OutageStatus(grpc.aio.ServerInterceptor):
-    """Turns an outage error raised by a handler (or a later interceptor) into UNAVAILABLE."""
+    """Turns an outage error raised by a handler (or a later interceptor) into UNAVAILABLE, and any
+    other unexpected exception into INTERNAL with an error id (`internal_error`)."""
 
     async def intercept_service(
         self,
@@ -39,6 +44,8 @@ class OutageStatus(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
         except OUTAGE_ERRORS as err:
             return refusal(ANY_UNARY, grpc.StatusCode.UNAVAILABLE, _answered(err))  # the status is all the caller sees
+        except Exception as err:
+            return refusal(ANY_UNARY, grpc.StatusCode.INTERNAL, internal_error(details.method, err))
         if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         unary, stream = handler.unary_unary, handler.unary_stream
@@ -48,6 +55,10 @@ class OutageStatus(grpc.aio.ServerInterceptor):
                 return await unary(request, context)
             except OUTAGE_ERRORS as err:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, _answered(err))
+            except grpc.aio.AbortError:
+                raise  # the handler's own status
+            except Exception as err:
+                await context.abort(grpc.StatusCode.INTERNAL, internal_error(details.method, err))
 
         async def call_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
@@ -55,8 +66,22 @@ class OutageStatus(grpc.aio.ServerInterceptor):
                     yield item
             except OUTAGE_ERRORS as err:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, _answered(err))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as err:
+                await context.abort(grpc.StatusCode.INTERNAL, internal_error(details.method, err))
 
         return same_kind(handler, call, call_stream)
+
+
+def internal_error(where: str | bytes | None, err: BaseException) -> str:
+    """Log `err` with its traceback under a new error id; the caller's message: fixed text and the id.
+    `where`: the gRPC method (or the work) that failed, for the log."""
+    name = (where.decode(errors="replace") if isinstance(where, bytes) else str(where or "?"))[:200]
+    error_id = uuid.uuid4().hex[:16]
+    FAILED.inc()  # no method label: a client names the method, registered or not
+    log.error("failed unexpectedly", extra={"where": name, "error_id": error_id}, exc_info=err)
+    return f"internal error (error id {error_id}); the service logged it, retry or report the id"
 
 
 def _answered(err: Exception) -> str:

@@ -27,6 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.typing import EncodableT, FieldT
 
+from llmesh.common.validation import InvalidRequest, parse_model_ref
 from llmesh.v1 import common_pb2
 
 PREFIX = "llmesh"
@@ -267,13 +268,15 @@ class Registry:
         return bool(await self._set_candidate(keys=[routing_key(model)], args=args))
 
     async def resolve(self, alias: str) -> Route | None:
-        """`name` -> the primary version; `name@N` -> version N if it is loaded."""
-        name, _, pinned = alias.partition("@")
-        if pinned:
-            if not pinned.isdigit():
-                return None
-            record = await self.version(name, int(pinned))
-            return Route(name, int(pinned)) if record is not None and record.state in LIVE_STATES else None
+        """`name` -> the primary version; `name@N` -> version N if it is loaded; None for what is
+        not served, a malformed reference included (parse_model_ref says why)."""
+        try:
+            name, pinned = parse_model_ref(alias)
+        except InvalidRequest:
+            return None
+        if pinned is not None:
+            record = await self.version(name, pinned)
+            return Route(name, pinned) if record is not None and record.state in LIVE_STATES else None
         primary = await self.primary(name)
         return Route(name, primary) if primary else None
 

@@ -17,9 +17,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from llmesh.common import kafka, logs
+from llmesh.common.apikeys import ApiKeyStore
 from llmesh.common.brokerwatch import BrokerWatch, wait_until_reachable
+from llmesh.common.keycheck import KeyCheck
 from llmesh.common.outages import OutageStatus
 from llmesh.common.polling import AdaptivePolling
+from llmesh.common.seal import MeshSeal
 from llmesh.common.settings import ServiceSettings
 
 log = logging.getLogger("llmesh.serving")
@@ -35,7 +38,7 @@ class Service(Protocol):
         """Add servicers to `server`; return their full service names (for health and reflection)."""
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Checks every call passes first (the gateway's API keys)."""
+        """Checks every call passes first (API keys, when required)."""
 
     async def start(self) -> None: ...
 
@@ -131,17 +134,25 @@ class KafkaService:
     waits, stop disconnects. A service that loses its broker starts afresh (llmesh/common/brokerwatch.py)."""
 
     name = "service"
+    keys: ApiKeyStore | None = None  # the callers' API keys (on the registry's Redis); set by each service
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.broker = kafka.make_broker(settings.kafka, f"llmesh-{self.name}-{settings.replica}")
         self.dead_letters = kafka.DeadLetters(self.broker, self.name)
+        self.seal = MeshSeal(settings.mesh_key())
+        self.outbox = kafka.Outbox(self.broker, self.seal)
         self.in_flight = InFlight(settings.max_in_flight)
         self.polling = AdaptivePolling(settings.kafka)
         self.broker_watch = BrokerWatch(settings.kafka.bootstrap, self._broker_lost)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return []
+        """With `api_keys_required`, every call but health and reflection needs a key with the method's scope."""
+        if not self.settings.api_keys_required:
+            return []
+        if self.keys is None:
+            raise RuntimeError(f"{self.name} requires API keys but has no key store")
+        return [KeyCheck(self.keys)]
 
     def extra_topics(self) -> dict[str, int]:
         """Topics of this service's own (name: partitions) beside the mesh's."""
@@ -158,8 +169,10 @@ class KafkaService:
         start_afresh()
 
     async def start(self) -> None:
+        if self.seal.key is None:
+            log.warning("mesh messages are not sealed: any Kafka client can forge replies (set LLMESH_MESH_HMAC_KEY)")
         await wait_until_reachable(self.settings.kafka.bootstrap)
-        await kafka.ensure_topics(self.settings.kafka.bootstrap, self.extra_topics())
+        await kafka.ensure_topics(self.settings.kafka, self.extra_topics())
         await self.broker.connect()
         await self.prepare()
         await self.broker.start()

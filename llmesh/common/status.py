@@ -7,6 +7,7 @@ import secrets
 
 import grpc
 
+from llmesh.common.validation import bounded
 from llmesh.v1 import common_pb2
 
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -14,7 +15,7 @@ _TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 def error_status(code: grpc.StatusCode, message: str) -> common_pb2.ErrorStatus:
-    return common_pb2.ErrorStatus(code=code.value[0], message=message)
+    return common_pb2.ErrorStatus(code=code.value[0], message=bounded(message))
 
 
 def status_code(error: common_pb2.ErrorStatus) -> grpc.StatusCode:

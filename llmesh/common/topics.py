@@ -13,6 +13,7 @@ MODEL_STATUS = "llmesh.model.status"  # infer -> anyone (ModelStatusEvent)
 DEAD_LETTER = "llmesh.dlq"  # original payload + reason headers
 SHADOW_RESULTS = "llmesh.shadow.results"  # infer -> eval (TextChunk of a shadow candidate)
 EVAL_DECISIONS = "llmesh.eval.decisions"  # eval -> anyone (PolicyDecision)
+INFER_CANCELS = "llmesh.infer.cancels"  # gateway -> every infer replica (CancelTask)
 SHADOW_SUFFIX = ".shadow"  # a mirrored request's id is the primary's id plus this
 
 
@@ -33,8 +34,14 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(DEAD_LETTER, 1),
     TopicSpec(SHADOW_RESULTS, 2),
     TopicSpec(EVAL_DECISIONS, 1),
+    TopicSpec(INFER_CANCELS, 1),
 )
 REPLY_PARTITIONS = 1
+
+
+def is_mesh_topic(topic: str) -> bool:
+    """One of the mesh's own topics (a gateway's reply topic included): never a Kafka client's reply-to."""
+    return topic.startswith(REPLIES_PREFIX) or topic in {t.name for t in TOPICS}
 
 
 def reply_topic(gateway_id: str) -> str:
@@ -55,6 +62,7 @@ class Header:
     SCHEMA = "schema"  # protobuf full message name, e.g. llmesh.v1.GenerateTask
     REPLY_TO = "reply-to"
     DEADLINE = "deadline"  # unix time in ms after which no one waits for the answer
+    SEAL = "mesh-seal"  # HMAC of a message the mesh made itself (llmesh/common/seal.py)
     DLQ_REASON = "dlq-reason"
     DLQ_TOPIC = "dlq-original-topic"
     DLQ_PARTITION = "dlq-original-partition"

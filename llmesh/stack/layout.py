@@ -73,9 +73,17 @@ class StackLayout(BaseModel):
     def release_key(self) -> str:
         """The stack's release signing key: from LLMESH_RELEASE_HMAC_KEY, else made once and kept in
         `<home>/release.key` (mode 0600), so every event on the embedded broker is signed."""
-        if key := os.environ.get("LLMESH_RELEASE_HMAC_KEY"):
+        return self._secret("LLMESH_RELEASE_HMAC_KEY", "release.key")
+
+    def mesh_key(self) -> str:
+        """The key that seals the services' own messages (llmesh/common/seal.py): from
+        LLMESH_MESH_HMAC_KEY, else made once in `<home>/mesh.key` (0600). Only the services get it."""
+        return self._secret("LLMESH_MESH_HMAC_KEY", "mesh.key")
+
+    def _secret(self, variable: str, filename: str) -> str:
+        if key := os.environ.get(variable):
             return key
-        path = self.home / "release.key"
+        path = self.home / filename
         if not path.exists():
             self.home.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -1,14 +1,21 @@
-"""Start and stop the stack's local processes, each in its own process group with its own log."""
+"""Start and stop the stack's local processes, each in its own process group with its own log.
+
+Each started process leaves `pids/<name>.pid` and `pids/<name>.spec.json` (its command and
+environment, mode 0600: it holds the stack's keys). A pid file whose process is dead is a crash: the
+supervisor (llmesh/stack/supervisor.py) starts the spec again. `stop` removes the pid file before it
+signals, under the same lock as the supervisor's check, so a stop on purpose is never undone."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from llmesh.stack.layout import StackLayout
@@ -18,9 +25,31 @@ class StartFailed(RuntimeError):
     pass
 
 
-def start(layout: StackLayout, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    layout.logs.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def locked(layout: StackLayout) -> Iterator[None]:
+    """Serializes starting and stopping between the CLI, tests and the supervisor."""
     layout.pids.mkdir(parents=True, exist_ok=True)
+    with (layout.pids / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def spec_of(layout: StackLayout, name: str) -> tuple[list[str], dict[str, str]] | None:
+    """The command line and environment `name` was last started with."""
+    path = layout.pids / f"{name}.spec.json"
+    if not path.exists():
+        return None
+    spec = json.loads(path.read_text())
+    return spec["argv"], spec["env"]
+
+
+def start(layout: StackLayout, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    with locked(layout):
+        return _start(layout, name, argv, env)
+
+
+def _start(layout: StackLayout, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    layout.logs.mkdir(parents=True, exist_ok=True)
     # An empty working directory: Python puts the cwd on sys.path, and a folder there named like a
     # package (e.g. "triton") would shadow the real one inside Triton's python stubs.
     workdir = layout.home / "run"
@@ -36,7 +65,28 @@ def start(layout: StackLayout, name: str, argv: Sequence[str], env: Mapping[str,
             cwd=workdir,
         )
     (layout.pids / f"{name}.pid").write_text(str(proc.pid))
+    spec = layout.pids / f"{name}.spec.json"
+    spec.unlink(missing_ok=True)
+    descriptor = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        json.dump({"argv": list(argv), "env": dict(env or {})}, f)
     return proc.pid
+
+
+def restart_crashed(layout: StackLayout, name: str, pid: int) -> int | None:
+    """Start `name` again if its pid file still names the dead `pid` (not stopped on purpose, not
+    started again by someone else meanwhile); what is left of its process group goes first."""
+    with locked(layout):
+        path = layout.pids / f"{name}.pid"
+        spec = spec_of(layout, name)
+        if spec is None or not path.exists() or path.read_text().strip() != str(pid) or alive(pid):
+            return None
+        _signal_group(pid, signal.SIGKILL)  # e.g. a tritonserver whose infer died
+        deadline = time.monotonic() + 10
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _reap(pid)
+        return _start(layout, name, *spec)
 
 
 def pid_of(layout: StackLayout, name: str) -> int | None:
@@ -96,10 +146,12 @@ def _pgid(pid: int) -> int:
 
 def stop(layout: StackLayout, name: str, timeout: float = 20.0) -> bool:
     """SIGTERM the process group, wait, then SIGKILL what is left. True if it was running."""
-    path = layout.pids / f"{name}.pid"
-    if not path.exists():
-        return False
-    pgid = int(path.read_text())  # started with start_new_session: pid == pgid
+    with locked(layout):
+        path = layout.pids / f"{name}.pid"
+        if not path.exists():
+            return False
+        pgid = int(path.read_text())  # started with start_new_session: pid == pgid
+        path.unlink()  # first: the supervisor must not start it again
     was_running = _group_alive(pgid)
     if was_running:
         _signal_group(pgid, signal.SIGTERM)
@@ -111,7 +163,6 @@ def stop(layout: StackLayout, name: str, timeout: float = 20.0) -> bool:
             while _group_alive(pgid) and time.monotonic() < deadline + 5:
                 time.sleep(0.05)
     _reap(pgid)
-    path.unlink(missing_ok=True)
     return was_running
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from llmesh import client
 from llmesh.common import kafka
 from llmesh.common.registry import Registry
+from llmesh.common.settings import KafkaSettings
 from llmesh.stack import binaries, processes
 from llmesh.stack.layout import SERVICES, StackLayout, free_port
 
 DEMO_MODEL = "chat"
 Report = Callable[[str], None]
-# Stop order: clients of a server stop before the server.
-STOP_ORDER = ("gateway", "tokenize", "eval", "infer", "redis", "broker")  # infer stops its tritonserver
+# Stop order: the supervisor first (it would start the others again), clients of a server before the server.
+STOP_ORDER = ("supervisor", "gateway", "tokenize", "eval", "infer", "redis", "broker")  # infer stops its tritonserver
 
 
 def demo_model_dir(models_dir: Path, version: int) -> Path:
@@ -110,6 +111,7 @@ def service_env(layout: StackLayout, name: str) -> dict[str, str]:
         "LLMESH_KAFKA__BOOTSTRAP": layout.address("broker"),
         "LLMESH_REDIS_URL": layout.redis_url,
         "LLMESH_RELEASE_HMAC_KEY": layout.release_key(),  # secure by default: only signed releases apply
+        "LLMESH_MESH_HMAC_KEY": layout.mesh_key(),  # and only the services' own sealed replies are trusted
     }
     if name == "infer":
         env |= infer_env(layout, layout.triton_repository, p["triton_grpc"], p["triton_http"], p["triton_metrics"])
@@ -174,10 +176,19 @@ def start_infer_replica(layout: StackLayout, name: str, timeout: float = 120) ->
     return address
 
 
+def start_supervisor(layout: StackLayout) -> int:
+    """The process that starts crashed processes of the stack again (llmesh/stack/supervisor.py)."""
+    return processes.start(layout, "supervisor", [sys.executable, "-m", "llmesh.stack.supervisor", str(layout.home)])
+
+
 def _start_services(layout: StackLayout, report: Report, timeout: float = 90.0) -> None:
-    pids = {name: start_service(layout, name) for name in SERVICES}
+    _wait_serving(layout, {name: start_service(layout, name) for name in SERVICES}, timeout)
+    report("gateway, tokenize, infer (with its tritonserver) and eval are SERVING")
+
+
+def _wait_serving(layout: StackLayout, pids: dict[str, int], timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
-    waiting = set(SERVICES)
+    waiting = set(pids)
     while waiting and time.monotonic() < deadline:
         for name in sorted(waiting):
             if not processes.alive(pids[name]):
@@ -189,7 +200,6 @@ def _start_services(layout: StackLayout, report: Report, timeout: float = 90.0) 
         time.sleep(0.1)
     if waiting:
         raise processes.StartFailed(f"not SERVING after {timeout:.0f}s: {', '.join(sorted(waiting))}")
-    report("gateway, tokenize, infer (with its tritonserver) and eval are SERVING")
 
 
 async def _publish_first_release(layout: StackLayout, report: Report, timeout: float = 120.0) -> int:
@@ -227,7 +237,10 @@ def up(
 ) -> StackLayout:
     existing = StackLayout.load(home)
     if existing and running(existing):
-        raise processes.StartFailed(f"a stack is already running from {home} ({', '.join(running(existing))}); run llmesh down")
+        repair(existing, report)
+        return existing
+    for binary in (binaries.tansu, binaries.redis_server, binaries.triton_root):
+        binary()  # what is not installed fails now, by name (llmesh[stack], llmesh[infer])
     layout = StackLayout.create(home, free_ports=free_ports, models_dir=models_dir, artifact_roots=artifact_roots)
     layout.save()
     # this process (the CLI, a test, a benchmark) publishes releases too: it signs with the stack's key
@@ -235,15 +248,42 @@ def up(
     ensure_demo_models(layout.models_dir, report)
     try:
         _start_infrastructure(layout, report)
-        asyncio.run(kafka.ensure_topics(layout.address("broker")))
+        asyncio.run(kafka.ensure_topics(KafkaSettings(bootstrap=layout.address("broker"))))  # the embedded broker: plaintext
         _start_services(layout, report)
         version = asyncio.run(_publish_first_release(layout, report))
         scale_infer(layout, infer_replicas, report)
+        start_supervisor(layout)
     except BaseException:
         down(home, lambda _: None)
         raise
-    report(f"model {DEMO_MODEL} v{version} is SERVING")
+    report(f"model {DEMO_MODEL} v{version} is SERVING; crashed processes are started again (llmesh status)")
     return layout
+
+
+def repair(layout: StackLayout, report: Report) -> list[str]:
+    """`llmesh up` on a stack that runs in part: start what is not running (a killed process, the
+    supervisor itself), keep what is; returns the names started."""
+    os.environ["LLMESH_RELEASE_HMAC_KEY"] = layout.release_key()
+    processes.stop(layout, "supervisor")  # started again last: it must not race this repair
+    started = []
+    for name, start in (("broker", start_broker), ("redis", start_redis)):
+        if not processes.pid_of(layout, name):
+            start(layout)
+            started.append(name)
+    services = {name: start_service(layout, name) for name in SERVICES if not processes.pid_of(layout, name)}
+    _wait_serving(layout, services)
+    started += list(services)
+    for name in extra_replicas(layout):
+        if not processes.pid_of(layout, name):
+            start_infer_replica(layout, name)
+            started.append(name)
+    start_supervisor(layout)
+    report(
+        f"the stack in {layout.home} was running in part; started again: {', '.join(started)}"
+        if started
+        else "every process of the stack is running"
+    )
+    return started
 
 
 def down(home: Path, report: Report) -> list[str]:

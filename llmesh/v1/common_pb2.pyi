@@ -33,6 +33,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """a stop string was generated"""
     FINISH_REASON_EOS: _FinishReason.ValueType  # 3
     """the model emitted its end-of-sequence token"""
+    FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 4
+    """the client cancelled or went away; usage counts what was generated"""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a generation ended."""
@@ -45,6 +47,8 @@ FINISH_REASON_STOP: FinishReason.ValueType  # 2
 """a stop string was generated"""
 FINISH_REASON_EOS: FinishReason.ValueType  # 3
 """the model emitted its end-of-sequence token"""
+FINISH_REASON_CANCELLED: FinishReason.ValueType  # 4
+"""the client cancelled or went away; usage counts what was generated"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _VersionState:

@@ -184,6 +184,7 @@ class TextChunk(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     GENERATION_MS_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -192,6 +193,8 @@ class TextChunk(_message.Message):
     finish_reason: _common_pb2.FinishReason.ValueType
     generation_ms: _builtins.float
     """on the final chunk"""
+    seq: _builtins.int
+    """1, 2, ... per request: a chunk seen already (a replay) is dropped"""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorStatus: ...
     @_builtins.property
@@ -208,14 +211,39 @@ class TextChunk(_message.Message):
         error: _common_pb2.ErrorStatus | None = ...,
         usage: _common_pb2.Usage | None = ...,
         generation_ms: _builtins.float = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "final", b"final", "finish_reason", b"finish_reason", "generation_ms", b"generation_ms", "model", b"model", "request_id", b"request_id", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "final", b"final", "finish_reason", b"finish_reason", "generation_ms", b"generation_ms", "model", b"model", "request_id", b"request_id", "seq", b"seq", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TextChunk: _TypeAlias = TextChunk  # noqa: Y015
+
+@_typing.final
+class CancelTask(_message.Message):
+    """Topic llmesh.infer.cancels (gateway -> every infer replica): stop generating a request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTask: _TypeAlias = CancelTask  # noqa: Y015
 
 @_typing.final
 class GenerationRecord(_message.Message):

@@ -18,7 +18,9 @@ from faststream.kafka import KafkaMessage
 from prometheus_client import Counter, Gauge
 
 from llmesh.common import kafka, topics
+from llmesh.common.apikeys import ApiKeyStore, Scope
 from llmesh.common.events import ReleaseEvent, ReleaseMode
+from llmesh.common.keycheck import CALLER
 from llmesh.common.registry import Registry
 from llmesh.common.scoring import Embedder, score_pair
 from llmesh.common.serving import KafkaService, run_service
@@ -56,6 +58,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         self.settings: EvalSettings = settings
         self.stats = GenerationStats()
         self.registry = Registry.from_url(settings.redis_url)
+        self.keys = ApiKeyStore(self.registry.redis)
         self.join = PairJoin(self.registry.redis, settings.join_ttl_s)
         self.scores = CandidateScores(self.registry.redis)
         self.policy = PromotionPolicy.load(settings.policy_file)
@@ -98,17 +101,16 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
     # ---- inputs --------------------------------------------------------------------------------
 
     async def on_record(self, msg: KafkaMessage) -> None:
-        record = await self.dead_letters.decode(msg, events_pb2.GenerationRecord)
-        if record is None:
+        record = await self.dead_letters.decode(msg, events_pb2.GenerationRecord, self.seal)
+        if record is None or not self.stats.add(record):
             return
-        self.stats.add(record)
         RECORDS.labels(record.model, str(record.version)).inc()
         if record.shadowed:
             side = Side(record.model, record.version, record.text, record.generation_ms, record.status_code != 0)
             await self._join(record.request_id, "answer", side)
 
     async def on_shadow(self, msg: KafkaMessage) -> None:
-        chunk = await self.dead_letters.decode(msg, events_pb2.TextChunk)
+        chunk = await self.dead_letters.decode(msg, events_pb2.TextChunk, self.seal)
         if chunk is None:
             return
         request_id = chunk.request_id.removesuffix(topics.SHADOW_SUFFIX)
@@ -224,9 +226,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             release_event_id=event.event_id,
             at=time.time(),
         )
-        await self.broker.publish(
-            decision.SerializeToString(), topics.EVAL_DECISIONS, key=key, headers=kafka.headers_for(decision)
-        )
+        await self.outbox.send(decision, topics.EVAL_DECISIONS, model)
         await self.registry.note(model, stats.candidate_version, record.state, reason)
         DECISIONS.labels(model, verdict.action).inc()
         log.info(
@@ -237,7 +237,9 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
     # ---- gRPC ----------------------------------------------------------------------------------
 
     async def GetReport(self, request: eval_pb2.GetReportRequest, context: grpc.aio.ServicerContext) -> eval_pb2.EvalReport:
-        report = self.stats.report(request.model)
+        """With keys required, every key's usage goes only to an admin key; other callers see their own."""
+        caller = CALLER.get()
+        report = self.stats.report(request.model, usage_of=None if caller is None or Scope.ADMIN in caller.scopes else caller.id)
         for model in [request.model] if request.model else await self.registry.models():
             if stats := await self.candidate_stats(model):
                 report.candidates.append(stats)

@@ -8,6 +8,7 @@ from faststream.kafka import KafkaBroker
 from llmesh.common import kafka, topics
 from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
 from llmesh.common.registry import Registry
+from llmesh.common.validation import bounded, shown
 from llmesh.v1 import events_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -23,7 +24,7 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
         try:
             event = ReleaseEvent.from_proto(request)
         except ValueError as err:  # pydantic's ValidationError is a ValueError
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid release event: {err}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(f"invalid release event: {err}"))
             raise
         return await self._publish(event)
 
@@ -31,7 +32,7 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
         self, request: gateway_pb2.RollbackRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PublishReleaseResponse:
         if request.model not in await self.registry.models():
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not registered")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {shown(request.model)} is not registered")
         routing = await self.registry.routing(request.model)
         target = request.version or routing.previous
         if not target:
@@ -51,7 +52,7 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
                 reason=request.reason or f"rollback from version {routing.primary}",
             )
         except (ValueError, InvalidEvent) as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(err)))
             raise
         return await self._publish(event.signed(self.release_key))
 

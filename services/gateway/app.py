@@ -4,6 +4,7 @@ it on Kafka for infer, and streams back the replies addressed to it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import sys
@@ -13,23 +14,28 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from aiokafka.errors import KafkaError
 from faststream.kafka import KafkaMessage
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, status, topics
 from llmesh.common.apikeys import ApiKey, ApiKeyStore
+from llmesh.common.fleet import FleetView
+from llmesh.common.keycheck import CALLER
+from llmesh.common.outages import REDIS_ERRORS
 from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import InFlight, KafkaService, run_service
 from llmesh.common.settings import load_settings
+from llmesh.common.status import error_status
+from llmesh.common.tasks import cancel
 from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion
+from llmesh.common.validation import InvalidRequest, bounded, shown, validate_request
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import AdminService
-from services.gateway.auth import CALLER, KeyCheck, QuotaExceeded, Quotas
+from services.gateway.auth import QuotaExceeded, Quotas
 from services.gateway.replies import PendingReplies, ReplyTimeout
 from services.gateway.settings import GatewaySettings
 from services.gateway.traffic import TrafficPlan, plan
-from services.gateway.validation import InvalidRequest, resolve_sampling, validate_prompt
 
 REQUESTS = Counter("llmesh_gateway_requests_total", "Generate requests by outcome", ["model", "version", "code", "stream"])
 LATENCY = Histogram(
@@ -43,6 +49,11 @@ FIRST_CHUNK = Histogram(
 )
 log = logging.getLogger("llmesh.gateway")
 RECORDS_IN_FLIGHT = 1024
+FLEET_REFRESH_S = 0.5  # how often the gateway reads infer's heartbeats: a dead fleet is noticed this fast
+CANCEL_SETTLE_S = 5.0  # how long a cancelled request waits for infer to count what it generated
+FAILED_FAST = Counter(
+    "llmesh_gateway_failed_fast_total", "Requests answered UNAVAILABLE because no infer replica could serve them", ["when"]
+)
 WAITING = Gauge("llmesh_gateway_waiting_requests", "Requests waiting for replies")
 
 
@@ -60,6 +71,7 @@ class Outcome:
     api_key_id: str = ""
     key: ApiKey | None = None  # the caller's key, when keys are required
     held_tokens: int = 0  # of the key's token budget, until the answer is in
+    prompt_tokens: int = 0
     scenario: str = ""
 
 
@@ -76,6 +88,8 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         self.pending = PendingReplies()
         self.records = InFlight(RECORDS_IN_FLIGHT)  # published after the answer left, off the client's path
         self.catalog = TokenizerCatalog(self.registry)
+        self.fleet = FleetView()
+        self._watch: asyncio.Task[None] | None = None
         options = kafka.consumer_options(settings.kafka, None, from_start=True)
         kafka.subscribe(self.broker, self.reply_topic, options, self.on_reply, self.polling)
         # Every gateway sees every status (no group) so that it loads a new version's tokenizer before the swap.
@@ -91,33 +105,56 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         )
         return [gateway_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("Gateway", "Admin")]
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [KeyCheck(self.keys)] if self.settings.api_keys_required else []
-
     def extra_topics(self) -> dict[str, int]:
         return {self.reply_topic: topics.REPLY_PARTITIONS}
+
+    async def start(self) -> None:
+        await super().start()
+        with contextlib.suppress(*REDIS_ERRORS):
+            self.fleet = await FleetView.read(self.registry.redis)
+        self._watch = asyncio.create_task(self._watch_fleet())
 
     async def drain(self, timeout: float) -> None:
         """In-flight RPCs were drained by the gRPC server's grace period; their records go out now."""
         await self.records.drain(timeout)
 
     async def stop(self) -> None:
+        await cancel(self._watch)
         await super().stop()
         await self.registry.close()
 
     async def on_reply(self, msg: KafkaMessage) -> None:
-        try:
-            chunk = events_pb2.TextChunk.FromString(msg.body)
-        except DecodeError:
-            return  # nothing waits on an undecodable reply; it is not worth a dead letter
-        self.pending.deliver(chunk)
+        if (chunk := await self.dead_letters.decode(msg, events_pb2.TextChunk, self.seal)) is not None:
+            self.pending.deliver(chunk)
 
     async def on_status(self, msg: KafkaMessage) -> None:
+        if (event := await self.dead_letters.decode(msg, events_pb2.ModelStatusEvent, self.seal)) is not None:
+            await self.catalog.follow(event, f"gateway-{self.settings.gateway_id}")
+
+    async def _watch_fleet(self) -> None:
+        """Read infer's heartbeats; when none beats any more, answer every waiting request
+        UNAVAILABLE now rather than at its deadline (with replicas left, they take over the dead
+        one's requests: services/infer/leases.py)."""
+        while True:
+            await asyncio.sleep(FLEET_REFRESH_S)
+            try:
+                self.fleet = await FleetView.read(self.registry.redis)
+            except REDIS_ERRORS:
+                continue
+            if not self.fleet.live and len(self.pending):
+                reason = self.fleet.why_not("", 0)
+                FAILED_FAST.labels("in flight").inc(self.pending.fail_all(error_status(grpc.StatusCode.UNAVAILABLE, reason)))
+
+    async def _fleet_can_serve(self, route: Route) -> str:
+        """'' when a live infer replica is ready with the route's version, else why not. The view is
+        read again before refusing (it may be up to FLEET_REFRESH_S old); without Redis, no refusal."""
+        if self.fleet.can_serve(route.model, route.version):
+            return ""
         try:
-            event = events_pb2.ModelStatusEvent.FromString(msg.body)
-        except DecodeError:
-            return  # infer's own events; a foreign one is dead-lettered by tokenize, not twice
-        await self.catalog.follow(event, f"gateway-{self.settings.gateway_id}")
+            self.fleet = await FleetView.read(self.registry.redis)
+        except REDIS_ERRORS:
+            return ""
+        return "" if self.fleet.can_serve(route.model, route.version) else self.fleet.why_not(route.model, route.version)
 
     # ---- catalogue -------------------------------------------------------------------------
 
@@ -130,7 +167,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         if not request.name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
         if request.name not in await self.registry.models():
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not registered")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {shown(request.name)} is not registered")
         return await self._model_info(request.name, with_history=True)
 
     async def _model_info(self, name: str, with_history: bool = False) -> gateway_pb2.ModelInfo:
@@ -187,8 +224,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool
     ) -> AsyncIterator[tuple[Outcome, events_pb2.TextChunk]]:
         try:
-            validate_prompt(request, self.settings)
-            sampling = resolve_sampling(request.sampling, self.settings)
+            sampling = validate_request(request, self.settings)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         metadata = {k: str(v) for k, v in (context.invocation_metadata() or ())}
@@ -205,6 +241,10 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         except UnknownVersion as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         outcome = Outcome(route, request_id, shadowed=traffic.shadow is not None, scenario=metadata.get("x-scenario", ""))
+        outcome.prompt_tokens = len(prompt_ids)
+        if down := await self._fleet_can_serve(route):
+            FAILED_FAST.labels("at the door").inc()
+            await self._refuse(context, outcome, stream, down, code=grpc.StatusCode.UNAVAILABLE)
         if len(self.pending) >= self.settings.max_waiting:  # before the quota: a refused request costs the key nothing
             limit = f"the gateway is at its limit of {self.settings.max_waiting} requests; retry later"
             await self._refuse(context, outcome, stream, limit)
@@ -257,15 +297,49 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
             outcome.code = grpc.StatusCode.CANCELLED
             raise
         finally:
+            if outcome.code == grpc.StatusCode.CANCELLED:
+                await self.records.spawn(self._after_cancel(outcome, stream))
+            else:
+                self.pending.close(outcome.request_id)
+                WAITING.dec()
+                await self.records.spawn(self._record(outcome, stream, time.perf_counter() - outcome.started))
+
+    async def _after_cancel(self, outcome: Outcome, stream: bool) -> None:
+        """The client cancelled or went away: tell infer to stop, wait for its count of the tokens it
+        generated, and charge the key exactly those. A unary answer arrives whole only at its end, so
+        its count is unknown: it is charged what was held (as is any request infer does not settle)."""
+        elapsed = time.perf_counter() - outcome.started
+        final: events_pb2.TextChunk | None = None
+        try:
+            cancel_task = events_pb2.CancelTask(request_id=outcome.request_id, reason="the client cancelled")
+            await self.outbox.send(cancel_task, topics.INFER_CANCELS, outcome.request_id, request_id=outcome.request_id)
+            deadline = asyncio.get_running_loop().time() + CANCEL_SETTLE_S
+            async for chunk in self.pending.chunks(outcome.request_id, deadline):
+                final = chunk
+        except (ReplyTimeout, KafkaError):
+            log.warning("a cancelled request was not settled by infer", extra={"request_id": outcome.request_id})
+        finally:
             self.pending.close(outcome.request_id)
             WAITING.dec()
-            await self.records.spawn(self._record(outcome, stream, time.perf_counter() - outcome.started))
+        exact = final is not None and final.HasField("usage") and not final.HasField("error")
+        if exact and (stream or final.finish_reason != common_pb2.FINISH_REASON_CANCELLED):  # type: ignore[union-attr]
+            outcome.usage = final.usage  # type: ignore[union-attr]
+        else:
+            completion = max(0, outcome.held_tokens - outcome.prompt_tokens)
+            outcome.usage = common_pb2.Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=completion)
+        await self._record(outcome, stream, elapsed)
 
     async def _refuse(
-        self, context: grpc.aio.ServicerContext, outcome: Outcome, stream: bool, message: str, trailers: tuple = ()
+        self,
+        context: grpc.aio.ServicerContext,
+        outcome: Outcome,
+        stream: bool,
+        message: str,
+        trailers: tuple = (),
+        code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
     ) -> None:
-        """Overload or an exhausted quota: RESOURCE_EXHAUSTED, counted, before any work is done."""
-        outcome.code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        """Overload, an exhausted quota or no replica to serve: refused, counted, before any work is done."""
+        outcome.code = code
         route = outcome.route
         REQUESTS.labels(route.model, str(route.version), outcome.code.name, str(stream).lower()).inc()
         await context.abort(outcome.code, message, trailing_metadata=trailers)
@@ -284,7 +358,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
 
     async def _publish(self, task: events_pb2.InferTask, traceparent: str, reply_to: str, *, wait: bool = True) -> None:
         self.polling.touch()  # the reply will come back on the request path
-        await kafka.publish_task(self.broker, task, reply_to, traceparent, wait=wait)
+        await self.outbox.task(task, reply_to, traceparent, wait=wait)
 
     async def _mirror(self, task: events_pb2.InferTask, version: int, prompt: str, traceparent: str) -> None:
         """Fire-and-forget copy for a shadow candidate, encoded with the candidate's own tokenizer;
@@ -300,7 +374,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
 
     async def _unknown_model_message(self, alias: str) -> str:
         known = ", ".join(await self.registry.models()) or "none yet"
-        return f"model {alias!r} is not served (known models: {known}; pin a version with name@N)"
+        return bounded(f"model {shown(alias)} is not served (known models: {known}; pin a version with name@N)")
 
     async def _record(self, outcome: Outcome, stream: bool, elapsed: float) -> None:
         if outcome.key is not None:
@@ -329,12 +403,8 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
             generation_ms=outcome.generation_ms,
         )
         try:
-            await self.broker.publish(
-                record.SerializeToString(),
-                topics.GENERATE_RESULTS,
-                key=outcome.request_id.encode(),
-                headers=kafka.headers_for(record, outcome.request_id),
-                no_confirm=True,
+            await self.outbox.send(
+                record, topics.GENERATE_RESULTS, outcome.request_id, request_id=outcome.request_id, no_confirm=True
             )
         except Exception:  # a lost record must not fail the client's request
             log.warning("could not publish the generation record", exc_info=True)

@@ -11,12 +11,14 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka import KafkaMessage
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, topics
+from llmesh.common.apikeys import ApiKeyStore
 from llmesh.common.detokenizer import StreamDecoder
 from llmesh.common.events import InvalidEvent, ReleaseEvent
+from llmesh.common.outages import internal_error
 from llmesh.common.registry import Registry
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
@@ -37,6 +39,7 @@ from services.infer.tritonserver import TritonSupervisor
 GENERATED = Counter("llmesh_infer_generated_tokens_total", "Tokens generated", ["model", "version"])
 REQUESTS = Counter("llmesh_infer_requests_total", "Inference requests by outcome", ["model", "version", "code"])
 EXPIRED = Counter("llmesh_infer_expired_total", "Requests whose deadline passed before generation: answered, not computed")
+CANCELLED = Counter("llmesh_infer_cancelled_total", "Requests stopped because their client cancelled", ["when"])
 SHADOW_DROPPED = Counter("llmesh_infer_shadow_dropped_total", "Mirrored requests dropped because the shadow backlog was full")
 IN_FLIGHT = Gauge("llmesh_infer_in_flight", "Inference requests running now")
 TTFT = Histogram(
@@ -51,6 +54,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         super().__init__(settings)
         self.settings: InferSettings = settings
         self.registry = Registry.from_url(settings.redis_url)
+        self.keys = ApiKeyStore(self.registry.redis)
         self.triton = TritonGenerator(settings.triton_url)
         kind = settings.instance_kind
         if kind == "auto":
@@ -65,6 +69,8 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         self.catalog = TokenizerCatalog(self.registry)
         self.shadow_slots = asyncio.Semaphore(settings.shadow_concurrency)
         self.shadow_waiting = 0
+        self.running: dict[str, asyncio.Task[None]] = {}  # request id -> the task answering it here
+        self.cancels = RecentIds()  # cancels that may arrive before their task
         store = ModelStore(settings.model_store.resolve())
         states = VersionStates(self.registry, self.publish_status)
         self.reconciler = Reconciler(settings, self.registry, self.triton, self.repository, store, self.served, states)
@@ -86,6 +92,8 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             self.on_request,
             self.polling,
         )
+        # Every replica reads every cancel (no group): only the one running the request acts on it.
+        kafka.subscribe(self.broker, topics.INFER_CANCELS, kafka.consumer_options(opts, None), self.on_cancel, self.polling)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -160,14 +168,12 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             replica=self.settings.replica,
             at=time.time(),
         )
-        await self.broker.publish(
-            status.SerializeToString(), topics.MODEL_STATUS, key=model.encode(), headers=kafka.headers_for(status)
-        )
+        await self.outbox.send(status, topics.MODEL_STATUS, model)
 
     # ---- inference -------------------------------------------------------------------------
 
     async def on_request(self, msg: KafkaMessage) -> None:
-        task = await self.dead_letters.decode(msg, events_pb2.InferTask)
+        task = await self.dead_letters.decode(msg, events_pb2.InferTask, self.seal)
         if task is None:
             return
         if not task.request_id or not task.prompt_ids:
@@ -177,24 +183,39 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
         if not reply_to:
             await self.dead_letters.send(msg, "InferTask lacks the reply-to header: no one could receive the answer")
             return
+        if task.request_id in self.cancels:
+            CANCELLED.labels("before start").inc()
+            return
         traceparent = kafka.header(msg, Header.TRACEPARENT)
-        reply = Reply(self.broker, task, reply_to, traceparent, expired=kafka.expired(msg))
+        reply = Reply(self.outbox, task, reply_to, traceparent, expired=kafka.expired(msg))
         if task.request_id.endswith(topics.SHADOW_SUFFIX):
             await self._mirror(task, reply)  # no lease: a lost mirror is a missing pair, and no client waits
         elif await self.leases.claim(Lease(task, reply_to, traceparent)):
             await self.in_flight.spawn(self._answer(task, reply))
 
     async def _answer(self, task: events_pb2.InferTask, reply: Reply) -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        self.running[task.request_id] = current
         try:
             await self._generate(task, reply)
         finally:
+            self.running.pop(task.request_id, None)
             await self.leases.done(task.request_id)
 
+    async def on_cancel(self, msg: KafkaMessage) -> None:
+        cancel = await self.dead_letters.decode(msg, events_pb2.CancelTask, self.seal)
+        if cancel is None:
+            return
+        self.cancels.add(cancel.request_id)
+        if (running := self.running.get(cancel.request_id)) is not None:
+            running.cancel(f"cancelled by the client: {cancel.reason}")
+
     async def _requeue(self, lease: Lease) -> None:
-        await kafka.publish_task(self.broker, lease.task, lease.reply_to, lease.traceparent)
+        await self.outbox.task(lease.task, lease.reply_to, lease.traceparent)
 
     async def _unavailable(self, lease: Lease, reason: str) -> None:
-        reply = Reply(self.broker, lease.task, lease.reply_to, lease.traceparent)
+        reply = Reply(self.outbox, lease.task, lease.reply_to, lease.traceparent)
         await reply.send(events_pb2.TextChunk(final=True, error=error_status(grpc.StatusCode.UNAVAILABLE, reason)))
 
     async def _mirror(self, task: events_pb2.InferTask, reply: Reply) -> None:
@@ -245,14 +266,25 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
                         StreamDecoder(tokenizer.tokenizer, list(task.sampling.stop)),
                         self.settings.stream_interval_ms / 1000,
                     )
-                    await self._stream(task, loaded.triton_model, remaining, chunks)
+                    try:
+                        await self._stream(task, loaded.triton_model, remaining, chunks)
+                    except asyncio.CancelledError:
+                        if task.request_id not in self.cancels:
+                            raise  # shutting down, not a client's cancel
+                        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                        CANCELLED.labels("generating").inc()
+                        await chunks.cancelled(len(task.prompt_ids))
+                        return grpc.StatusCode.CANCELLED
                 return grpc.StatusCode.OK
             except UnknownVersion as err:
                 code, message = grpc.StatusCode.NOT_FOUND, str(err)
             except (TimeoutError, GenerationError) as err:
-                code, message = grpc.StatusCode.INTERNAL, f"generation failed: {err}"
-                if not await self.triton.is_live():
+                if isinstance(err, TimeoutError) and task.deadline_unix_ms:  # the stream's timeout: the time left to the deadline
+                    code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed during generation"
+                elif not await self.triton.is_live():
                     code, message = grpc.StatusCode.UNAVAILABLE, f"Triton of replica {self.settings.replica} died; retry"
+                else:  # Triton's (Python) error text stays in the log, under the id the client gets
+                    code, message = grpc.StatusCode.INTERNAL, f"generation failed: {internal_error(task.model, err)}"
         await reply.send(events_pb2.TextChunk(final=True, error=error_status(code, message)))
         return code
 
@@ -281,24 +313,38 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
 
 
 class Reply:
-    """Where one request's TextChunks go: its reply-to topic, keyed by request id, with its trace."""
+    """Where one request's TextChunks go: its reply-to topic, keyed by request id, with its trace;
+    numbered, so that the gateway drops a chunk replayed by someone else."""
 
     def __init__(
-        self, broker: KafkaBroker, task: events_pb2.InferTask, topic: str, traceparent: str, *, expired: bool = False
+        self, outbox: kafka.Outbox, task: events_pb2.InferTask, topic: str, traceparent: str, *, expired: bool = False
     ) -> None:
-        self.broker, self.task, self.topic = broker, task, topic
+        self.outbox, self.task, self.topic = outbox, task, topic
         self.expired = expired  # the deadline header had passed when the task arrived
-        self.headers = {Header.TRACEPARENT: traceparent}
+        self.traceparent = traceparent
+        self.sent = 0
 
     async def send(self, chunk: events_pb2.TextChunk) -> None:
         task = self.task
-        chunk.request_id, chunk.model, chunk.version = task.request_id, task.model, task.version
-        await self.broker.publish(
-            chunk.SerializeToString(),
-            self.topic,
-            key=task.request_id.encode(),
-            headers=kafka.headers_for(chunk, task.request_id, **self.headers),
-        )
+        self.sent += 1
+        chunk.request_id, chunk.model, chunk.version, chunk.seq = task.request_id, task.model, task.version, self.sent
+        await self.outbox.send(chunk, self.topic, task.request_id, request_id=task.request_id, traceparent=self.traceparent)
+
+
+class RecentIds:
+    """The latest request ids seen (bounded): a cancel is remembered for a task that arrives after it."""
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self._ids: dict[str, None] = {}
+        self._limit = limit
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._ids
+
+    def add(self, request_id: str) -> None:
+        self._ids[request_id] = None
+        if len(self._ids) > self._limit:
+            del self._ids[next(iter(self._ids))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,6 +60,17 @@ class ChunkStream:
             )
         )
 
+    async def cancelled(self, prompt_tokens: int) -> None:
+        """The client cancelled: a last chunk that counts the tokens generated until now (its text
+        goes to no one), so that the key is charged for exactly those."""
+        if self._sending is not None:
+            self._sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sending
+        completion = len(self._decoder.ids) + len(self._held)
+        usage = common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion)
+        await self._send(events_pb2.TextChunk(final=True, finish_reason=common_pb2.FINISH_REASON_CANCELLED, usage=usage))
+
     async def close(self) -> None:
         """Wait for a chunk still being published (before an error chunk may follow it)."""
         if self._sending is not None:

@@ -5,11 +5,7 @@ lease on it until its answer is out, while a heartbeat says the replica is alive
 published again for any replica to run; a stream, whose client has seen part of an answer, is
 answered UNAVAILABLE.
 
-Keys:
-  llmesh:infer:replicas                set of replicas that may hold leases
-  llmesh:infer:replica:{replica}       heartbeat, expires when the replica stops beating
-  llmesh:infer:leases:{replica}        hash: request id -> JSON lease (the task and where to answer)
-  llmesh:infer:claim:{request_id}      the replica that runs the task; outlives it to refuse redeliveries
+Keys: llmesh/common/fleet.py (gateways read the heartbeats too).
 """
 
 from __future__ import annotations
@@ -26,6 +22,7 @@ from dataclasses import dataclass
 import redis.asyncio as redis
 from prometheus_client import Counter
 
+from llmesh.common.fleet import REPLICAS, claim_key, heartbeat_key, leases_key
 from llmesh.common.outages import REDIS_ERRORS
 from llmesh.common.tasks import cancel
 from llmesh.v1 import events_pb2
@@ -37,7 +34,6 @@ TAKEN_OVER = Counter(
     ["outcome"],
 )
 DUPLICATES = Counter("llmesh_infer_duplicate_tasks_total", "Tasks read again (redelivered) and not run twice")
-REPLICAS = "llmesh:infer:replicas"
 # Claim the task for this replica and record the lease, or report that someone has claimed it.
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -46,18 +42,6 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return 0
 """
-
-
-def heartbeat_key(replica: str) -> str:
-    return f"llmesh:infer:replica:{replica}"
-
-
-def leases_key(replica: str) -> str:
-    return f"llmesh:infer:leases:{replica}"
-
-
-def claim_key(request_id: str) -> str:
-    return f"llmesh:infer:claim:{request_id}"
 
 
 @dataclass(frozen=True)

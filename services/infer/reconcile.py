@@ -3,9 +3,7 @@ it loads (from the model store) and warms what the desired and routed roles need
 ready with, unloads what nothing needs any more, and moves the routing that gateways read once every
 live replica is ready with the version that gains traffic.
 
-Keys:
-  llmesh:infer:ready:{replica}   set of "{model}@{version}@{digest}" loaded and warm on that replica
-                                 (counted only while the replica's heartbeat, in leases.py, is alive)
+Keys: llmesh/common/fleet.py.
 """
 
 from __future__ import annotations
@@ -19,11 +17,11 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import Counter, Histogram
 
 from llmesh.common.events import ReleaseEvent
+from llmesh.common.fleet import REPLICAS, heartbeat_key, ready_entry, ready_key
 from llmesh.common.outages import REDIS_ERRORS
 from llmesh.common.registry import Registry, Routing, VersionRecord, VersionState
 from llmesh.common.tasks import cancel
 from llmesh.v1 import events_pb2
-from services.infer.leases import REPLICAS, heartbeat_key
 from services.infer.repository import ModelRepository, ModelStore
 from services.infer.served import LoadedVersion, ServedVersions
 from services.infer.settings import InferSettings
@@ -37,14 +35,6 @@ LOAD_FAILURES = Counter("llmesh_infer_reconcile_load_failures_total", "Versions 
 EXCLUDED = Counter("llmesh_infer_replicas_excluded_total", "Routing moved without a live replica that was not ready in time")
 
 StatusSink = Callable[[ReleaseEvent | None, str, int, str, str], Awaitable[None]]  # event, model, version, state, reason
-
-
-def ready_key(replica: str) -> str:
-    return f"llmesh:infer:ready:{replica}"
-
-
-def ready_entry(model: str, version: int, digest: str) -> str:
-    return f"{model}@{version}@{digest}"
 
 
 def _why(desired: Routing, version: int, otherwise: str = "") -> str:

@@ -115,6 +115,8 @@ class TritonGenerator:
                 if finished:
                     return
         except grpc.RpcError as err:
+            if isinstance(err, grpc.aio.AioRpcError) and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(f"no final response from Triton within {timeout:.1f}s") from err
             raise GenerationError(f"Triton stream failed: {err}") from err
         finally:
             if not finished:  # stop Triton's generation when we stop early

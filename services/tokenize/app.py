@@ -15,12 +15,14 @@ from faststream.kafka import KafkaMessage
 from prometheus_client import Counter
 
 from llmesh.common import kafka, topics
+from llmesh.common.apikeys import ApiKeyStore
 from llmesh.common.registry import Registry
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.status import error_status
 from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion, VersionTokenizer
 from llmesh.common.topics import Header
+from llmesh.common.validation import InvalidRequest, validate_task, validate_tokenize
 from llmesh.v1 import events_pb2, tokenize_pb2, tokenize_pb2_grpc
 from services.tokenize.settings import TokenizeSettings
 
@@ -35,6 +37,7 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
         super().__init__(settings)
         self.settings: TokenizeSettings = settings
         self.registry = Registry.from_url(settings.redis_url)
+        self.keys = ApiKeyStore(self.registry.redis)
         self.catalog = TokenizerCatalog(self.registry)
         opts = settings.kafka
         kafka.subscribe(
@@ -74,6 +77,10 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
     async def _tokenizer_for_rpc(
         self, request: tokenize_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> VersionTokenizer:
+        try:
+            validate_tokenize(request, self.settings)
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         version = request.version or await self.registry.primary(request.model)
         try:
             return await self.catalog.get(request.model, version)
@@ -84,7 +91,7 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
     # ---- Kafka: model status ----------------------------------------------------------------
 
     async def on_status(self, msg: KafkaMessage) -> None:
-        status = await self.dead_letters.decode(msg, events_pb2.ModelStatusEvent)
+        status = await self.dead_letters.decode(msg, events_pb2.ModelStatusEvent, self.seal)
         if status is not None:
             await self.catalog.follow(status, f"tokenize-{self.settings.replica}")
 
@@ -100,6 +107,14 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
         reply_to = kafka.header(msg, Header.REPLY_TO)
         if not reply_to:
             await self.dead_letters.send(msg, "GenerateTask lacks the reply-to header: no one could receive the answer")
+            return
+        if topics.is_mesh_topic(reply_to) or task.request_id.endswith(topics.SHADOW_SUFFIX):
+            await self.dead_letters.send(msg, "GenerateTask names a mesh topic as reply-to or a mirrored request's id")
+            return
+        try:  # the checks of the gateway's requests, for Kafka clients too
+            task.sampling.CopyFrom(validate_task(task, self.settings))
+        except InvalidRequest as err:
+            await self._reject(task, reply_to, grpc.StatusCode.INVALID_ARGUMENT, str(err))
             return
         if kafka.expired(msg) or 0 < task.deadline_unix_ms <= time.time() * 1000:
             await self._reject(task, reply_to, grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before encoding")
@@ -126,17 +141,17 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
             deadline_unix_ms=task.deadline_unix_ms,
         )
         try:
-            await kafka.publish_task(self.broker, infer, reply_to, traceparent)
+            await self.outbox.task(infer, reply_to, traceparent)
         except KafkaError as err:
-            await self._reject(task, reply_to, grpc.StatusCode.UNAVAILABLE, f"the broker did not take the task ({err}); retry")
+            message = f"the broker did not take the task ({type(err).__name__}); retry"
+            await self._reject(task, reply_to, grpc.StatusCode.UNAVAILABLE, message)
 
     async def _reject(self, task: events_pb2.GenerateTask, reply_to: str, code: grpc.StatusCode, message: str) -> None:
         REJECTED.labels(code.name).inc()
         chunk = events_pb2.TextChunk(
             request_id=task.request_id, model=task.model, version=task.version, final=True, error=error_status(code, message)
         )
-        headers = kafka.headers_for(chunk, chunk.request_id)
-        await self.broker.publish(chunk.SerializeToString(), reply_to, key=chunk.request_id.encode(), headers=headers)
+        await self.outbox.send(chunk, reply_to, chunk.request_id, request_id=chunk.request_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,6 +40,7 @@ REDIS_IMAGE = "llmesh-test/redis:7"
 # start order: gateway last; two infer replicas, each with its own tritonserver
 GRPC_PORTS = {"eval": 50054, "tokenize": 50052, "infer": 50053, "infer-2": 50053, "gateway": 50051}
 RELEASE_KEY = "container-release-key"
+MESH_KEY = "container-test-mesh-key"
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +103,7 @@ def _service(name: str, network: Network, models_dir: Path, store: Path) -> Dock
         .with_env("LLMESH_KAFKA__BOOTSTRAP", "kafka:9092")
         .with_env("LLMESH_REDIS_URL", "redis://redis:6379/0")
         .with_env("LLMESH_RELEASE_HMAC_KEY", RELEASE_KEY)
+        .with_env("LLMESH_MESH_HMAC_KEY", MESH_KEY)
         .with_env("LLMESH_ARTIFACT_ROOTS", f'["{models_dir}"]')
         .with_volume_mapping(str(models_dir), str(models_dir), "ro")  # release paths mean the same inside
     )

@@ -1,4 +1,4 @@
-"""Restarting one service of the test stack."""
+"""Restarting one service of the test stack: the stack's supervisor starts a process that died again."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ import signal
 import time
 
 from llmesh import client
-from llmesh.stack import processes, stack
+from llmesh.stack import processes
 from llmesh.stack.layout import StackLayout
-
-
-def restart(mesh: StackLayout, name: str, timeout: float = 120) -> None:
-    """Start service `name` again and wait until it is SERVING."""
-    stack.start_service(mesh, name)
-    wait_until_serving(mesh, name, timeout)
 
 
 def wait_until_serving(mesh: StackLayout, name: str, timeout: float = 120) -> None:
@@ -24,12 +18,21 @@ def wait_until_serving(mesh: StackLayout, name: str, timeout: float = 120) -> No
         time.sleep(0.1)
 
 
+def wait_restarted(mesh: StackLayout, name: str, old_pid: int, timeout: float = 120) -> int:
+    """Wait until the supervisor has started `name` again (a new pid) and it is SERVING; its pid."""
+    deadline = time.monotonic() + timeout
+    while (pid := processes.pid_of(mesh, name)) in (None, old_pid):
+        assert time.monotonic() < deadline, f"the supervisor did not start {name} again within {timeout:.0f}s"
+        time.sleep(0.05)
+    assert pid is not None
+    wait_until_serving(mesh, name, max(1.0, deadline - time.monotonic()))
+    return pid
+
+
 def kill_and_restart(mesh: StackLayout, name: str) -> None:
-    """kill -9 service `name`, start it again and wait until it is SERVING (an infer replica first
-    loads every version the desired state needs)."""
+    """kill -9 service `name` and wait until the supervisor has it SERVING again (an infer replica
+    first loads every version the desired state needs)."""
     pid = processes.pid_of(mesh, name)
     assert pid is not None, f"{name} is not running"
     os.kill(pid, signal.SIGKILL)
-    while processes.alive(pid):
-        time.sleep(0.05)
-    restart(mesh, name)
+    wait_restarted(mesh, name, pid)

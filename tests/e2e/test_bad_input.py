@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from llmesh.common import topics
+from llmesh.common.seal import MeshSeal
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
 
 pytestmark = pytest.mark.slow
@@ -111,18 +112,26 @@ async def _dead_letters_for(
 def test_malformed_kafka_messages_go_to_the_dead_letter_topic(mesh, gateway):
     protobuf = {"content-type": topics.CONTENT_TYPE_PROTOBUF}
     unanswerable = events_pb2.InferTask(request_id="r1", model="chat", version=1, prompt_ids=[1]).SerializeToString()
-    cases = [
-        (topics.GENERATE_REQUESTS, b"\xff\xfe not protobuf", protobuf, "undecodable GenerateTask"),
-        (topics.INFER_REQUESTS, b"\xff\xfe not protobuf", protobuf, "undecodable InferTask"),
-        (topics.INFER_REQUESTS, unanswerable, protobuf, "lacks the reply-to header"),
+    mesh_key, forged_key = mesh.mesh_key().encode(), b"a key the mesh does not hold"
+    cases = [  # (topic, payload, headers, sealed with, reason)
+        (topics.GENERATE_REQUESTS, b"\xff\xfe not protobuf", protobuf, None, "undecodable GenerateTask"),
+        (topics.INFER_REQUESTS, b"\xff\xfe not protobuf", protobuf, None, "InferTask refused: unsealed"),
+        (topics.INFER_REQUESTS, b"\xff\xfe not protobuf", protobuf, mesh_key, "undecodable InferTask"),
+        (topics.INFER_REQUESTS, unanswerable, protobuf, forged_key, "InferTask refused: bad seal"),
+        (topics.INFER_REQUESTS, unanswerable, protobuf, mesh_key, "lacks the reply-to header"),
         (
             topics.RELEASES,
             json.dumps({"model": "chat", "version": "x"}).encode(),
             {"content-type": "application/json"},
+            None,
             "invalid release event",
         ),
     ]
-    sends = [(topic, payload, headers | {"marker": uuid.uuid4().hex}) for topic, payload, headers, _ in cases]
+    sends = []
+    for topic, payload, headers, key, _ in cases:
+        marker = uuid.uuid4().hex
+        marked = headers | {"marker": marker}
+        sends.append((topic, payload, MeshSeal(key).headers(topic, marker.encode(), payload, marked) if key else marked))
     found = asyncio.run(_dead_letters_for(mesh.address("broker"), sends))
     for (topic, payload, headers), (*_, reason) in zip(sends, cases, strict=True):
         letter = found[headers["marker"]]

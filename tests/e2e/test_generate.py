@@ -10,6 +10,7 @@ import pytest
 from google.protobuf.message import Message
 
 from llmesh.common import topics
+from llmesh.common.seal import MeshSeal
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
 
 pytestmark = pytest.mark.slow
@@ -127,20 +128,23 @@ def test_headers_carry_request_id_and_the_clients_traceparent(mesh, gateway):
         assert headers["schema"].startswith("llmesh.v1.")
 
 
-def _kafka_requests(bootstrap: str, sends: list[tuple[str, Message, dict[str, str]]]) -> dict[str, list[events_pb2.TextChunk]]:
-    """Publish (topic, task, extra headers) the way any Kafka client would; collect the chunks that
-    come back on our own reply topic, by request id."""
+def _kafka_requests(
+    bootstrap: str, sends: list[tuple[str, Message, dict[str, str]]], seal: MeshSeal | None = None
+) -> dict[str, list[events_pb2.TextChunk]]:
+    """Publish (topic, task, extra headers) the way any Kafka client would (or, with `seal`, a part
+    of the mesh); collect the chunks that come back on our own reply topic, by request id."""
     import asyncio
     import uuid
 
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from llmesh.common import kafka
+    from llmesh.common.settings import KafkaSettings
 
     reply_to = f"test.replies.{uuid.uuid4().hex[:8]}"
 
     async def run() -> dict[str, list[events_pb2.TextChunk]]:
-        await kafka.ensure_topics(bootstrap, {reply_to: 1})
+        await kafka.ensure_topics(KafkaSettings(bootstrap=bootstrap), {reply_to: 1})
         consumer = AIOKafkaConsumer(reply_to, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=20)
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
         await consumer.start()
@@ -151,6 +155,7 @@ def _kafka_requests(bootstrap: str, sends: list[tuple[str, Message, dict[str, st
                 rid = task.request_id  # type: ignore[attr-defined]
                 headers = kafka.headers_for(task, rid, **{topics.Header.REPLY_TO: reply_to}, **extra)
                 value, key = task.SerializeToString(), rid.encode()
+                headers = seal.headers(topic, key, value, headers) if seal else headers
                 await producer.send_and_wait(topic, value, key=key, headers=[(k, v.encode()) for k, v in headers.items()])
             async with asyncio.timeout(60):
                 while not all(chunks and chunks[-1].final for chunks in answers.values()):
@@ -195,8 +200,9 @@ def test_work_past_its_deadline_is_answered_not_computed(mesh):
         mesh.address("broker"),
         [
             (topics.GENERATE_REQUESTS, text_task, {topics.Header.DEADLINE: str(past)}),
-            (topics.INFER_REQUESTS, infer_task, {topics.Header.DEADLINE: str(past)}),
+            (topics.INFER_REQUESTS, infer_task, {topics.Header.DEADLINE: str(past)}),  # as the gateway sends it
         ],
+        MeshSeal(mesh.mesh_key().encode()),
     )
     for rid in ("late-1", "late-2"):
         (chunk,) = answers[rid]

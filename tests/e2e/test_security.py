@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -85,14 +83,14 @@ def secure(mesh: StackLayout, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "LLMESH_TLS_CERT_FILE": str(cert),
         "LLMESH_TLS_KEY_FILE": str(key),
     }
-    pid = processes.start(mesh, "gateway-secure", [sys.executable, "-m", "services.gateway"], env)
+    processes.start(mesh, "gateway-secure", [sys.executable, "-m", "services.gateway"], env)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while _health(address, cert) != "SERVING":  # health is open: probes carry no key
         assert time.monotonic() < deadline, "the secure gateway did not start"
         time.sleep(0.2)
     yield address, cert
-    os.kill(pid, signal.SIGTERM)
+    processes.stop(mesh, "gateway-secure")
 
 
 def _keys(mesh: StackLayout, *args: str) -> str:

@@ -1,4 +1,4 @@
-"""SIGTERM drains: each service finishes what it has in flight, then exits 0 (and comes back)."""
+"""SIGTERM drains: each service finishes what it has in flight, then exits 0 (and the supervisor starts it again)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from llmesh.stack import processes
 from llmesh.v1 import common_pb2, gateway_pb2
-from tests.e2e.restarts import restart
+from tests.e2e.restarts import wait_restarted
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(mesh, gateway, name):
     assert os.waitstatus_to_exitcode(status) == 0
     assert chunks[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED, "the stream was cut"
     assert chunks[-1].usage.completion_tokens > 1
-    restart(mesh, name)
+    wait_restarted(mesh, name, pid)  # the stack's supervisor starts it again
     reply = gateway.Generate(request, timeout=60)
     assert reply.text == "".join(c.text for c in chunks), "the drained answer is the whole answer"
 
@@ -51,4 +51,4 @@ def test_sigterm_of_a_service_exits_0_and_it_comes_back(mesh, name):
     os.kill(pid, signal.SIGTERM)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    restart(mesh, name)
+    wait_restarted(mesh, name, pid)  # the stack's supervisor starts it again

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 
+from llmesh.common.fleet import REPLICAS, claim_key, leases_key
 from llmesh.v1 import events_pb2
-from services.infer.leases import REPLICAS, Lease, ReplicaLeases, claim_key, leases_key
+from services.infer.leases import Lease, ReplicaLeases
 
 pytestmark = pytest.mark.slow
 

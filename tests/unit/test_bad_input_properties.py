@@ -4,6 +4,7 @@ refusal of their own type, never another exception, and what they accept is with
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,20 @@ from hypothesis import strategies as st
 
 from llmesh.common import topics
 from llmesh.common.events import InvalidEvent, ReleaseEvent, artifact_digests
-from llmesh.v1 import common_pb2, gateway_pb2
+from llmesh.common.validation import (
+    MAX_MESSAGE_CHARS,
+    MAX_VERSION,
+    SAMPLING_EPS,
+    InvalidRequest,
+    RequestLimits,
+    check_resolved,
+    parse_model_ref,
+    resolve_sampling,
+    sampling_from_values,
+    validate_request,
+)
+from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
 from services.gateway.settings import GatewaySettings
-from services.gateway.validation import InvalidRequest, resolve_sampling, validate_prompt
 from services.infer.repository import verify_release
 
 GATEWAY = GatewaySettings()
@@ -99,31 +111,132 @@ def test_relative_absolute_elsewhere_and_symlinked_stores_are_refused(tmp_path: 
     assert set(verify_release(accepted, roots=[store])) == {"config.json", "tokenizer.json", "model.safetensors"}
 
 
+# ---- client requests: the one validation of every entry (llmesh/common/validation.py) -------------
+
+FLOATS32 = st.floats(width=32) | st.sampled_from([math.nan, math.inf, -math.inf, 1e-40, -1e-40, 1e-5, -0.0, 2.0, 1.0])
+TEXT = st.text(max_size=100) | st.text(alphabet=st.characters(codec="utf-8"), min_size=60, max_size=300)
+LONG_TEXT = st.builds(lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(0, 100_000))
+
+
+def _within_bounds(resolved: events_pb2.ResolvedSampling, limits: RequestLimits) -> None:
+    assert 1 <= resolved.max_tokens <= limits.max_tokens_limit
+    assert resolved.temperature == 0.0 or SAMPLING_EPS <= resolved.temperature <= 2.0
+    assert 0.0 < resolved.top_p <= 1.0
+    assert 0 <= resolved.seed <= 2**64 - 1
+    assert len(resolved.stop) <= limits.max_stop_strings
+    assert all(1 <= len(s) <= limits.max_stop_chars for s in resolved.stop)
+
+
+def _refused_in_bounds(err: InvalidRequest) -> None:
+    message = str(err)
+    assert message and len(message) <= MAX_MESSAGE_CHARS
+    message.encode("utf-8")  # carried by gRPC and protobuf as it is
+
+
 @given(
     max_tokens=st.none() | st.integers(0, 2**32 - 1),
-    temperature=st.none() | st.floats(width=32),
-    top_p=st.none() | st.floats(width=32),
-    stop=st.lists(st.text(max_size=100), max_size=8),
+    temperature=st.none() | FLOATS32,
+    top_p=st.none() | FLOATS32,
+    stop=st.lists(TEXT | LONG_TEXT, max_size=8),
     seed=st.none() | st.integers(0, 2**64 - 1),
 )
+@settings(deadline=None)
 def test_any_sampling_is_resolved_within_bounds_or_refused(max_tokens, temperature, top_p, stop, seed) -> None:
     fields = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     params = common_pb2.SamplingParams(stop=stop, **{k: v for k, v in fields.items() if v is not None})
     try:
         resolved = resolve_sampling(params, GATEWAY)
     except InvalidRequest as err:
-        assert "sampling" in str(err) or "stop" in str(err)
+        _refused_in_bounds(err)
+        assert "sampling." in str(err)
         return
-    assert 1 <= resolved.max_tokens <= GATEWAY.max_tokens_limit
-    assert 0 <= resolved.temperature <= 2 and 0 < resolved.top_p <= 1
-    assert len(resolved.stop) <= GATEWAY.max_stop_strings
+    _within_bounds(resolved, GATEWAY)
+    if temperature is not None and temperature < SAMPLING_EPS:
+        assert resolved.temperature == 0.0  # greedy, as vLLM: never a subnormal temperature for Triton
 
 
-@given(model=st.text(max_size=40), prompt=st.text(max_size=200) | st.just("x" * (GATEWAY.max_prompt_chars + 1)))
-def test_any_prompt_is_accepted_or_refused_with_a_reason(model: str, prompt: str) -> None:
+SURROGATES = st.text(alphabet=st.characters(categories=["Cs", "Ll"]), min_size=1, max_size=10)  # not UTF-8
+ANY_NUMBER = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5) | st.just([1])
+
+
+@given(
+    max_tokens=ANY_NUMBER,
+    temperature=ANY_NUMBER,
+    top_p=ANY_NUMBER,
+    seed=ANY_NUMBER,
+    stop=st.lists(TEXT | SURROGATES, max_size=6) | st.text(max_size=5) | st.none() | st.lists(st.integers(), max_size=2),
+)
+def test_any_plain_values_are_resolved_within_bounds_or_refused(max_tokens, temperature, top_p, seed, stop) -> None:
+    """What a later entry (JSON over HTTP) may hand over: ints of every size, floats, wrong types."""
     try:
-        validate_prompt(gateway_pb2.GenerateRequest(model=model, prompt=prompt), GATEWAY)
+        resolved = sampling_from_values(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, limits=GATEWAY
+        )
     except InvalidRequest as err:
-        assert str(err)
+        _refused_in_bounds(err)
+        return
+    _within_bounds(resolved, GATEWAY)
+
+
+@given(
+    max_tokens=st.integers(0, 2**32 - 1),
+    temperature=FLOATS32,
+    top_p=FLOATS32,
+    seed=st.integers(0, 2**64 - 1),
+    stop=st.lists(TEXT, max_size=6),
+)
+def test_any_kafka_sampling_is_within_bounds_or_refused(max_tokens, temperature, top_p, seed, stop) -> None:
+    sampling = events_pb2.ResolvedSampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+    try:
+        resolved = check_resolved(sampling, GATEWAY)
+    except InvalidRequest as err:
+        _refused_in_bounds(err)
+        return
+    _within_bounds(resolved, GATEWAY)
+    assert resolved.seed == seed  # a Kafka client's seed is kept, whatever uint64
+
+
+ASCII_DIGITS = st.text(alphabet="0123456789", min_size=1, max_size=12)
+MODEL_REFS = (
+    st.text(max_size=80)
+    | st.builds("{}@{}".format, st.sampled_from(["chat", "c", "a-b_9"]), ASCII_DIGITS | st.text(max_size=12))
+    | st.builds("chat@{}".format, st.integers(-(2**40), 2**40))
+    | LONG_TEXT
+)
+
+
+@given(MODEL_REFS)
+@settings(deadline=None)
+def test_model_references_parse_or_are_refused_in_bounds(text: str) -> None:
+    try:
+        name, version = parse_model_ref(text)
+    except InvalidRequest as err:
+        _refused_in_bounds(err)
+        assert len(str(err)) < 300  # the client's text is echoed cut
+        return
+    assert "@" not in name and 1 <= len(name) <= 63
+    pinned = text.partition("@")[2]
+    if version is None:
+        assert "@" not in text
+    else:  # exactly ASCII digits, 1..MAX_VERSION
+        assert pinned.isascii() and pinned.isdigit() and int(pinned) == version and 1 <= version <= MAX_VERSION
+
+
+@given(ASCII_DIGITS)
+def test_every_ascii_digit_version_in_range_is_accepted(digits: str) -> None:
+    value = int(digits)
+    try:
+        assert parse_model_ref(f"chat@{digits}") == ("chat", value)
+    except InvalidRequest:
+        assert not 1 <= value <= MAX_VERSION
+
+
+@given(model=st.text(max_size=40) | LONG_TEXT, prompt=TEXT | LONG_TEXT | st.just("x" * (GATEWAY.max_prompt_chars + 1)))
+@settings(deadline=None)
+def test_any_request_is_accepted_or_refused_with_a_bounded_reason(model: str, prompt: str) -> None:
+    try:
+        validate_request(gateway_pb2.GenerateRequest(model=model, prompt=prompt), GATEWAY)
+    except InvalidRequest as err:
+        _refused_in_bounds(err)
         return
     assert model and prompt.strip() and len(prompt) <= GATEWAY.max_prompt_chars

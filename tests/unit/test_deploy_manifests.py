@@ -114,3 +114,35 @@ def test_the_dashboard_shows_what_operators_watch():
     titles = " ".join(p["title"].lower() for p in json.loads(data)["panels"])
     for what in ("latency", "throughput", "error", "tokens", "lag", "swaps", "shadow agreement"):
         assert what in titles
+
+
+def test_the_strimzi_example_logs_each_service_in_as_its_own_kafka_user():
+    """deploy/k8s/examples/strimzi: TLS + SCRAM-SHA-512 settings that KafkaSettings accepts, one
+    KafkaUser per service whose Secret holds the password, and the consumer groups the code uses."""
+    from llmesh.common.settings import KafkaSettings
+
+    out = subprocess.run([kubectl(), "kustomize", str(K8S / "examples" / "strimzi")], capture_output=True, text=True, check=True)
+    docs = tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+    for doc in docs:
+        if doc["kind"] not in CUSTOM | {"KafkaUser"}:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    config = of_kind(docs, "ConfigMap")["llmesh-config"]["data"]
+    users = of_kind(docs, "KafkaUser")
+    for name, pod in ((n, d["spec"]["template"]["spec"]) for n, d in of_kind(docs, "Deployment").items()):
+        container = pod["containers"][0]
+        env = {
+            e["name"]: e.get("value") or e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "KAFKA" in e["name"]
+        }
+        kafka_env = {k: v for k, v in (config | env).items() if k.startswith("LLMESH_KAFKA__")}
+        settings = KafkaSettings(**{k.removeprefix("LLMESH_KAFKA__").lower(): v for k, v in kafka_env.items()})
+        assert settings.security_protocol == "SASL_SSL" and settings.sasl_mechanism == "SCRAM-SHA-512"
+        assert settings.sasl_username == f"llmesh-{name}" == settings.sasl_password.get_secret_value()  # the user's Secret
+        assert users[settings.sasl_username]["spec"]["authentication"]["type"] == "scram-sha-512"
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert str(settings.ssl_cafile.parent) in mounts, f"{name} mounts the cluster CA"
+    groups = {
+        name: {a["resource"]["name"] for a in u["spec"]["authorization"]["acls"] if a["resource"]["type"] == "group"}
+        for name, u in users.items()
+    }
+    assert groups["llmesh-tokenize"] == {topics.GROUP_TOKENIZE} and groups["llmesh-infer"] == {topics.GROUP_INFER}
+    assert groups["llmesh-eval"] == {topics.GROUP_EVAL} and not groups["llmesh-gateway"]

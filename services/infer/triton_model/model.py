@@ -11,6 +11,9 @@ Outputs: streaming, one response per generated token with TOKEN_IDS int32[1], th
          with TOKEN_IDS int32[0] and FINISH_REASON ("length", "stop" or "eos"); not streaming, only
          the final response, carrying every generated token (each response costs the backend an IPC
          round trip, several times the compute of one token of a small model).
+Metrics (on Triton's metrics port): llmesh_model_generated_tokens_total and
+         llmesh_model_cancelled_total, per model and version: what Triton itself computed, so that a
+         cancel that did not stop the generation shows.
 """
 
 import json
@@ -100,6 +103,11 @@ def _stop_strings(request):
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in tensor.as_numpy().reshape(-1)]
 
 
+def _counter(name, description, labels):
+    family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+    return family.Metric(labels=labels)
+
+
 def _response(token_ids, finish_reason=""):
     return pb_utils.InferenceResponse(
         output_tensors=[
@@ -126,6 +134,9 @@ class TritonPythonModel:
         self.context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 2048)
         self.background_niceness = int(params.get("background_niceness", "15") or 0)
         self.threads = []
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.tokens_metric = _counter("llmesh_model_generated_tokens_total", "Tokens this model generated", labels)
+        self.cancelled_metric = _counter("llmesh_model_cancelled_total", "Requests stopped by a cancel", labels)
         self.foreground = Foreground(os.path.join(os.path.dirname(args["model_repository"]), ".foreground"))
 
     def execute(self, requests):
@@ -148,6 +159,9 @@ class TritonPythonModel:
             generated = []
             emit = (lambda token: sender.send(_response([token]))) if stream else None
             finish = self._generate(request, generated, emit, background)
+            self.tokens_metric.increment(len(generated))  # once per request: each update is an IPC round trip
+            if finish == "cancelled":
+                self.cancelled_metric.increment(1)
             final = [] if stream else generated  # streamed tokens were sent one by one already
             sender.send(_response(final, finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as err:  # report to the client instead of killing the stub
@@ -180,7 +194,7 @@ class TritonPythonModel:
         cancel_check = Every(CANCEL_CHECK_S)
         for _ in range(budget):
             if not self._take_turn(request, background, cancel_check):
-                return "length"
+                return "cancelled"
             out = self.model(input_ids=x, past_key_values=past, use_cache=True)
             past = out.past_key_values
             token = self._sample(out.logits[0, -1, :].float(), temperature, top_p, generator)

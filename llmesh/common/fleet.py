@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import redis.asyncio as redis
 
 REPLICAS = "llmesh:infer:replicas"
+HEARTBEAT_S = 1.0  # how often an infer replica beats
+HEARTBEAT_TTL_S = 3.0  # a replica that has not beaten for this long is dead
 
 
 def heartbeat_key(replica: str) -> str:

@@ -114,6 +114,7 @@ def service_env(layout: StackLayout, name: str) -> dict[str, str]:
         "LLMESH_MESH_HMAC_KEY": layout.mesh_key(),  # and only the services' own sealed replies are trusted
     }
     if name == "infer":
+        env["LLMESH_REPLICA"] = "infer"  # one name across restarts: a restarted replica settles its own leases
         env |= infer_env(layout, layout.triton_repository, p["triton_grpc"], p["triton_http"], p["triton_metrics"])
         env["LLMESH_MODEL_STORE"] = str(layout.model_store)  # shared by every infer replica
         roots = [layout.models_dir, *layout.artifact_roots]  # and the store itself: nothing else

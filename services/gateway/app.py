@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llmesh.common import kafka, status, topics
 from llmesh.common.apikeys import ApiKey, ApiKeyStore
-from llmesh.common.fleet import FleetView
+from llmesh.common.fleet import HEARTBEAT_S, FleetView
 from llmesh.common.keycheck import CALLER
 from llmesh.common.outages import REDIS_ERRORS
 from llmesh.common.registry import Registry, Route
@@ -50,6 +50,9 @@ FIRST_CHUNK = Histogram(
 log = logging.getLogger("llmesh.gateway")
 RECORDS_IN_FLIGHT = 1024
 FLEET_REFRESH_S = 0.5  # how often the gateway reads infer's heartbeats: a dead fleet is noticed this fast
+# Refuse only after reading Redis this long without a failure: a restarted Redis has lost heartbeats
+# that replicas beat again within HEARTBEAT_S.
+FLEET_SETTLE_S = 1.5 * HEARTBEAT_S
 CANCEL_SETTLE_S = 5.0  # how long a cancelled request waits for infer to count what it generated
 FAILED_FAST = Counter(
     "llmesh_gateway_failed_fast_total", "Requests answered UNAVAILABLE because no infer replica could serve them", ["when"]
@@ -89,6 +92,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         self.records = InFlight(RECORDS_IN_FLIGHT)  # published after the answer left, off the client's path
         self.catalog = TokenizerCatalog(self.registry)
         self.fleet = FleetView()
+        self._fleet_read_since: float | None = None  # loop time since which every read of the fleet succeeded
         self._watch: asyncio.Task[None] | None = None
         options = kafka.consumer_options(settings.kafka, None, from_start=True)
         kafka.subscribe(self.broker, self.reply_topic, options, self.on_reply, self.polling)
@@ -111,7 +115,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
     async def start(self) -> None:
         await super().start()
         with contextlib.suppress(*REDIS_ERRORS):
-            self.fleet = await FleetView.read(self.registry.redis)
+            await self._read_fleet()
         self._watch = asyncio.create_task(self._watch_fleet())
 
     async def drain(self, timeout: float) -> None:
@@ -138,10 +142,10 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         while True:
             await asyncio.sleep(FLEET_REFRESH_S)
             try:
-                self.fleet = await FleetView.read(self.registry.redis)
+                await self._read_fleet()
             except REDIS_ERRORS:
                 continue
-            if not self.fleet.live and len(self.pending):
+            if self._fleet_settled() and not self.fleet.live and len(self.pending):
                 reason = self.fleet.why_not("", 0)
                 FAILED_FAST.labels("in flight").inc(self.pending.fail_all(error_status(grpc.StatusCode.UNAVAILABLE, reason)))
 
@@ -151,10 +155,26 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         if self.fleet.can_serve(route.model, route.version):
             return ""
         try:
-            self.fleet = await FleetView.read(self.registry.redis)
+            await self._read_fleet()
         except REDIS_ERRORS:
             return ""
-        return "" if self.fleet.can_serve(route.model, route.version) else self.fleet.why_not(route.model, route.version)
+        if self.fleet.can_serve(route.model, route.version) or not self._fleet_settled():
+            return ""
+        return self.fleet.why_not(route.model, route.version)
+
+    async def _read_fleet(self) -> None:
+        now = asyncio.get_running_loop().time()
+        try:
+            self.fleet = await FleetView.read(self.registry.redis)
+        except REDIS_ERRORS:
+            self._fleet_read_since = None
+            raise
+        if self._fleet_read_since is None:
+            self._fleet_read_since = now
+
+    def _fleet_settled(self) -> bool:
+        since = self._fleet_read_since
+        return since is not None and asyncio.get_running_loop().time() - since >= FLEET_SETTLE_S
 
     # ---- catalogue -------------------------------------------------------------------------
 

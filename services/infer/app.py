@@ -107,10 +107,12 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
     async def prepare(self) -> None:
         await self.supervisor.start()
         await self.reconciler.reconcile()  # what the desired state needs is loaded before requests are consumed
+        # before consuming too: its first act settles leases left by an earlier run of this replica,
+        # which must not include a request this run has claimed already
+        await self.leases.start(self._requeue, self._unavailable)
 
     async def start(self) -> None:
         await super().start()
-        await self.leases.start(self._requeue, self._unavailable)
         await self.reconciler.start()
 
     async def stop(self) -> None:
@@ -216,7 +218,10 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
 
     async def _unavailable(self, lease: Lease, reason: str) -> None:
         reply = Reply(self.outbox, lease.task, lease.reply_to, lease.traceparent)
-        await reply.send(events_pb2.TextChunk(final=True, error=error_status(grpc.StatusCode.UNAVAILABLE, reason)))
+        # unnumbered: the dead replica may have sent chunks 1..n already, and this one must still arrive
+        await reply.send(
+            events_pb2.TextChunk(final=True, error=error_status(grpc.StatusCode.UNAVAILABLE, reason)), numbered=False
+        )
 
     async def _mirror(self, task: events_pb2.InferTask, reply: Reply) -> None:
         """Mirrored requests yield to client requests: a few at a time, dropped beyond a backlog
@@ -324,10 +329,11 @@ class Reply:
         self.traceparent = traceparent
         self.sent = 0
 
-    async def send(self, chunk: events_pb2.TextChunk) -> None:
+    async def send(self, chunk: events_pb2.TextChunk, *, numbered: bool = True) -> None:
         task = self.task
-        self.sent += 1
-        chunk.request_id, chunk.model, chunk.version, chunk.seq = task.request_id, task.model, task.version, self.sent
+        self.sent += numbered
+        chunk.request_id, chunk.model, chunk.version = task.request_id, task.model, task.version
+        chunk.seq = self.sent if numbered else 0
         await self.outbox.send(chunk, self.topic, task.request_id, request_id=task.request_id, traceparent=self.traceparent)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import redis.asyncio as redis
 from prometheus_client import Counter
 
-from llmesh.common.fleet import REPLICAS, claim_key, heartbeat_key, leases_key
+from llmesh.common.fleet import HEARTBEAT_S, HEARTBEAT_TTL_S, REPLICAS, claim_key, heartbeat_key, leases_key
 from llmesh.common.outages import REDIS_ERRORS
 from llmesh.common.tasks import cancel
 from llmesh.v1 import events_pb2
@@ -68,7 +68,9 @@ Unavailable = Callable[[Lease, str], Awaitable[None]]  # answer the task UNAVAIL
 
 
 class ReplicaLeases:
-    def __init__(self, client: redis.Redis, replica: str, *, heartbeat_s: float = 1.0, ttl_s: float = 3.0) -> None:
+    def __init__(
+        self, client: redis.Redis, replica: str, *, heartbeat_s: float = HEARTBEAT_S, ttl_s: float = HEARTBEAT_TTL_S
+    ) -> None:
         self.redis, self.replica = client, replica
         self.heartbeat_s, self.ttl_s = heartbeat_s, ttl_s
         self._claim = client.register_script(_CLAIM)

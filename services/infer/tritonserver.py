@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -83,8 +84,13 @@ class TritonSupervisor:
             os.killpg(self._pid, signal.SIGKILL)
 
     def _spawn(self) -> None:
+        # The Python backend names its shared memory after this prefix; a tritonserver started with the
+        # default prefix beside another (a second replica, or the one a killed infer left dying) tears
+        # down the other's regions, and that one crashes.
+        shm = f"--backend-config=python,shm-region-prefix-name=llmesh_{os.getpid()}_{secrets.token_hex(4)}_"
+        command = self.command if any("shm-region-prefix-name" in arg for arg in self.command) else [*self.command, shm]
         process = subprocess.Popen(
-            self.command,
+            command,
             env={**os.environ, **self.env},
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own group: infer's SIGTERM reaches it only after the drain

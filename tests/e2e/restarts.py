@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -36,3 +37,16 @@ def kill_and_restart(mesh: StackLayout, name: str) -> None:
     assert pid is not None, f"{name} is not running"
     os.kill(pid, signal.SIGKILL)
     wait_restarted(mesh, name, pid)
+
+
+def stopped_cleanly(mesh: StackLayout, name: str, pid: int, since: float, timeout: float = 60) -> bool:
+    """Wait until `pid` exits; True if its log says it stopped (it logs "stopped" last, after its
+    drain, and exits 0). Whoever started it (this test process or the supervisor) reaps it."""
+    deadline = time.monotonic() + timeout
+    while processes.alive(pid):
+        assert time.monotonic() < deadline, f"{name} did not exit within {timeout:.0f}s"
+        time.sleep(0.05)
+    for line in (mesh.logs / f"{name}.log").read_text(errors="replace").splitlines():
+        if line.startswith("{") and (entry := json.loads(line)).get("msg") == "stopped" and entry["ts"] >= since:
+            return True
+    return False

@@ -9,11 +9,11 @@ import uuid
 
 import grpc
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from llmesh.common import topics
 from llmesh.common.seal import MeshSeal
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
+from tests.e2e.kafka_tools import dead_letters_for
 
 pytestmark = pytest.mark.slow
 S = common_pb2.SamplingParams
@@ -79,36 +79,6 @@ def test_get_unknown_model_is_not_found(gateway):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def _dead_letters_for(
-    bootstrap: str, sends: list[tuple[str, bytes, dict[str, str]]], timeout: float = 30
-) -> dict[str, dict[str, str]]:
-    consumer = AIOKafkaConsumer(
-        topics.DEAD_LETTER, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=50
-    )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    await producer.start()
-    found: dict[str, dict[str, str]] = {}
-    try:
-        for topic, payload, headers in sends:
-            await producer.send_and_wait(
-                topic, payload, key=headers["marker"].encode(), headers=[(k, v.encode()) for k, v in headers.items()]
-            )
-        markers = {h["marker"] for _, _, h in sends}
-        async with asyncio.timeout(timeout):
-            while not markers <= set(found):
-                batch = await consumer.getmany(timeout_ms=200)
-                for records in batch.values():
-                    for r in records:
-                        hdrs = {k: v.decode() for k, v in r.headers}
-                        if "marker" in hdrs:
-                            found[hdrs["marker"]] = hdrs | {"payload": r.value.decode(errors="replace")}
-    finally:
-        await consumer.stop()
-        await producer.stop()
-    return found
-
-
 def test_malformed_kafka_messages_go_to_the_dead_letter_topic(mesh, gateway):
     protobuf = {"content-type": topics.CONTENT_TYPE_PROTOBUF}
     unanswerable = events_pb2.InferTask(request_id="r1", model="chat", version=1, prompt_ids=[1]).SerializeToString()
@@ -132,7 +102,7 @@ def test_malformed_kafka_messages_go_to_the_dead_letter_topic(mesh, gateway):
         marker = uuid.uuid4().hex
         marked = headers | {"marker": marker}
         sends.append((topic, payload, MeshSeal(key).headers(topic, marker.encode(), payload, marked) if key else marked))
-    found = asyncio.run(_dead_letters_for(mesh.address("broker"), sends))
+    found = asyncio.run(dead_letters_for(mesh.address("broker"), sends))
     for (topic, payload, headers), (*_, reason) in zip(sends, cases, strict=True):
         letter = found[headers["marker"]]
         assert letter["dlq-original-topic"] == topic

@@ -27,6 +27,7 @@ from llmesh.common.apikeys import ApiKeyStore
 from llmesh.stack import processes, stack
 from llmesh.stack.layout import StackLayout, free_port
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.e2e.metrics import metric_sum
 
 pytestmark = pytest.mark.slow
 
@@ -235,3 +236,49 @@ def test_a_signed_release_of_a_folder_outside_the_artifact_roots_is_refused(mesh
         assert "outside the model store" in release_dead_letter(mesh.address("broker"), event.event_id)
     finally:
         shutil.rmtree(outside)
+
+
+def _triton(mesh: StackLayout, name: str) -> float:
+    return metric_sum(mesh.address("triton_metrics"), name, model="chat-v1")
+
+
+def test_cancelled_streams_stop_in_triton_and_the_key_pays_what_was_generated(mesh, secure):
+    key_id, secret = _new_key(mesh, "--tokens-per-minute", "600")
+    stub = _stub(secure, secret)
+    infer_metrics = mesh.address("infer_metrics")
+    before = (
+        metric_sum(infer_metrics, "llmesh_infer_generated_tokens_total", model="chat", version="1"),
+        metric_sum(infer_metrics, "llmesh_infer_cancelled_total"),
+        _triton(mesh, "llmesh_model_generated_tokens_total"),
+        _triton(mesh, "llmesh_model_cancelled_total"),
+    )
+    sampling = common_pb2.SamplingParams(max_tokens=200, temperature=0.0)
+    for n in range(8):
+        request = gateway_pb2.GenerateRequest(model="chat@1", prompt=f"Return the number {n} of", sampling=sampling)
+        call = stub.GenerateStream(request, timeout=60)
+        assert next(call).text is not None  # the first chunk
+        call.cancel()
+        _wait_settled(mesh, key_id, n + 1)
+    generated = metric_sum(infer_metrics, "llmesh_infer_generated_tokens_total", model="chat", version="1") - before[0]
+    in_triton = _triton(mesh, "llmesh_model_generated_tokens_total") - before[2]
+    usage = asyncio.run(_usage(mesh, key_id))
+    print(f"8 cancelled streams: infer received {generated:.0f} tokens, Triton generated {in_triton:.0f}, the key paid {usage}")
+    assert metric_sum(infer_metrics, "llmesh_infer_cancelled_total") - before[1] == 8
+    assert _triton(mesh, "llmesh_model_cancelled_total") - before[3] == 8, "Triton stopped each generation"
+    assert usage.requests == 8 and usage.completion_tokens == generated, "charged exactly what was generated"
+    assert generated <= in_triton < 8 * 200 / 4, "the generations stopped long before max_tokens"
+
+
+def _wait_settled(mesh: StackLayout, key_id: str, requests: int) -> None:
+    deadline = time.monotonic() + 30
+    while asyncio.run(_usage(mesh, key_id)).requests < requests:
+        assert time.monotonic() < deadline, "the cancelled request was not settled"
+        time.sleep(0.05)
+
+
+async def _usage(mesh: StackLayout, key_id: str):  # type: ignore[no-untyped-def]
+    store = ApiKeyStore.from_url(mesh.redis_url)
+    try:
+        return await store.usage(key_id)
+    finally:
+        await store.close()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 
 from llmesh.stack import processes
 from llmesh.v1 import common_pb2, gateway_pb2
-from tests.e2e.restarts import wait_restarted
+from tests.e2e.restarts import stopped_cleanly, wait_restarted
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +34,10 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(mesh, gateway, name):
     reader = threading.Thread(target=consume)
     reader.start()
     assert first_chunk.wait(30)
+    signalled = time.time()
     os.kill(pid, signal.SIGTERM)
     reader.join(60)
-    _, status = os.waitpid(pid, 0)  # the stack's processes are children of this test process
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert stopped_cleanly(mesh, name, pid, signalled)
     assert chunks[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED, "the stream was cut"
     assert chunks[-1].usage.completion_tokens > 1
     wait_restarted(mesh, name, pid)  # the stack's supervisor starts it again
@@ -48,7 +49,7 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(mesh, gateway, name):
 def test_sigterm_of_a_service_exits_0_and_it_comes_back(mesh, name):
     pid = processes.pid_of(mesh, name)
     assert pid is not None
+    signalled = time.time()
     os.kill(pid, signal.SIGTERM)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert stopped_cleanly(mesh, name, pid, signalled)
     wait_restarted(mesh, name, pid)  # the stack's supervisor starts it again

@@ -104,8 +104,9 @@ def _stop_strings(request):
 
 
 def _counter(name, description, labels):
+    """A counter and its family: the family must outlive the counter, so both are kept."""
     family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-    return family.Metric(labels=labels)
+    return family, family.Metric(labels=labels)
 
 
 def _response(token_ids, finish_reason=""):
@@ -135,8 +136,12 @@ class TritonPythonModel:
         self.background_niceness = int(params.get("background_niceness", "15") or 0)
         self.threads = []
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.tokens_metric = _counter("llmesh_model_generated_tokens_total", "Tokens this model generated", labels)
-        self.cancelled_metric = _counter("llmesh_model_cancelled_total", "Requests stopped by a cancel", labels)
+        self.tokens_family, self.tokens_metric = _counter(
+            "llmesh_model_generated_tokens_total", "Tokens this model generated", labels
+        )
+        self.cancelled_family, self.cancelled_metric = _counter(
+            "llmesh_model_cancelled_total", "Requests stopped by a cancel", labels
+        )
         self.foreground = Foreground(os.path.join(os.path.dirname(args["model_repository"]), ".foreground"))
 
     def execute(self, requests):
@@ -238,3 +243,5 @@ class TritonPythonModel:
     def finalize(self):
         for thread in self.threads:
             thread.join(timeout=10)
+        self.tokens_metric = self.cancelled_metric = None  # counters before their families
+        self.tokens_family = self.cancelled_family = None

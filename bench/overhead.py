@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import grpc
 from bench.broker_rtt import round_trips
 from bench.common import PROMPT, pyplot, save, summary
 from llmesh.common.settings import KafkaSettings
+from llmesh.loadgen import PROMPTS
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc, tokenize_pb2, tokenize_pb2_grpc
 from services.infer.repository import triton_name
@@ -45,14 +47,14 @@ async def closed_loop(call: Callable[[int], Awaitable[None]], concurrency: int, 
 class Paths:
     """The two ways to the same model version, sharing sampling settings."""
 
-    def __init__(self, layout: StackLayout, prompt_ids: list[int], max_tokens: int) -> None:
+    def __init__(self, layout: StackLayout, prompt: Prompt, max_tokens: int) -> None:
         self.triton = TritonGenerator(layout.address("triton_grpc"))
         self.channel = grpc.aio.insecure_channel(layout.address("gateway"))
         self.gateway = gateway_pb2_grpc.GatewayStub(self.channel)
-        self.prompt_ids = prompt_ids
+        self.prompt_ids = prompt.ids
         self.sampling = events_pb2.ResolvedSampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
         params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
-        self.request = gateway_pb2.GenerateRequest(model=f"{MODEL}@{VERSION}", prompt=PROMPT, sampling=params)
+        self.request = gateway_pb2.GenerateRequest(model=f"{MODEL}@{VERSION}", prompt=prompt.text, sampling=params)
 
     async def direct(self, n: int) -> None:
         async for _ in self.triton.generate(
@@ -68,12 +70,40 @@ class Paths:
         await self.channel.close()
 
 
-def prompt_ids(layout: StackLayout) -> list[int]:
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    ids: list[int]
+
+
+async def bench_prompt(layout: StackLayout, max_tokens: int) -> Prompt:
+    """The first of the candidate prompts whose greedy answer runs to `max_tokens` (else the one
+    that runs longest): an answer that ends at once on EOS measures no inter-token latency. Which
+    one it is depends on the demo model's build (its training is seeded, its float sums are not)."""
     with grpc.insecure_channel(layout.address("tokenize")) as channel:
-        reply = tokenize_pb2_grpc.TokenizerStub(channel).Tokenize(
-            tokenize_pb2.TokenizeRequest(model=MODEL, version=VERSION, text=PROMPT), timeout=10
-        )
-    return list(reply.ids)
+        stub = tokenize_pb2_grpc.TokenizerStub(channel)
+        candidates = [
+            Prompt(
+                text, list(stub.Tokenize(tokenize_pb2.TokenizeRequest(model=MODEL, version=VERSION, text=text), timeout=10).ids)
+            )
+            for text in (PROMPT, *PROMPTS)
+        ]
+    lengths = await _answer_lengths(layout, candidates, max_tokens)
+    reaching = [c for c, n in zip(candidates, lengths, strict=True) if n >= max_tokens]
+    return reaching[0] if reaching else candidates[max(range(len(candidates)), key=lambda i: lengths[i])]
+
+
+async def _answer_lengths(layout: StackLayout, candidates: list[Prompt], max_tokens: int) -> list[int]:
+    triton = TritonGenerator(layout.address("triton_grpc"))
+    sampling = events_pb2.ResolvedSampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
+    lengths = []
+    try:
+        for n, candidate in enumerate(candidates):
+            steps = triton.generate(triton_name(MODEL, VERSION), f"probe-{n}", candidate.ids, sampling, 120, stream=False)
+            lengths.append(sum([len(step.token_ids) async for step in steps]))
+    finally:
+        await triton.close()
+    return lengths
 
 
 async def _cell(paths: Paths, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -100,10 +130,9 @@ async def _cell(paths: Paths, concurrency: int, seconds: float) -> dict[str, Any
 
 
 async def _grid(layout: StackLayout, tokens: list[int], concurrency: list[int], seconds: float) -> list[dict[str, Any]]:
-    ids = prompt_ids(layout)
     cells = []
     for max_tokens in tokens:
-        paths = Paths(layout, ids, max_tokens)
+        paths = Paths(layout, await bench_prompt(layout, max_tokens), max_tokens)
         try:
             for _ in range(3):  # warm both paths
                 await paths.direct(0)

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from bench.common import pyplot, save, summary
-from bench.overhead import Paths, closed_loop, prompt_ids
+from bench.overhead import Paths, bench_prompt, closed_loop
 from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import infer_pb2, infer_pb2_grpc
@@ -21,7 +21,7 @@ SECOND = "infer-2"
 
 def _throughput(layout: StackLayout, concurrency: int, seconds: float) -> dict[str, float]:
     async def measure() -> dict[str, float]:
-        paths = Paths(layout, prompt_ids(layout), 16)
+        paths = Paths(layout, await bench_prompt(layout, 16), 16)
         try:
             await paths.mesh(0)
             latencies, duration = await closed_loop(paths.mesh, concurrency, seconds)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import pyplot, save, summary
-from bench.overhead import MODEL, VERSION, Paths, prompt_ids
+from bench.overhead import MODEL, VERSION, Paths, bench_prompt
 from llmesh.stack.layout import StackLayout
 from services.infer.repository import triton_name
 
@@ -43,7 +43,7 @@ def _ttft_itl(started: float, stamps: list[float], tokens: int) -> tuple[float, 
 
 
 async def _measure(layout: StackLayout, requests: int, max_tokens: int) -> dict[str, list[tuple[float, float]]]:
-    paths = Paths(layout, prompt_ids(layout), max_tokens)
+    paths = Paths(layout, await bench_prompt(layout, max_tokens), max_tokens)
     out: dict[str, list[tuple[float, float]]] = {"direct": [], "gateway": []}
     try:
         await _direct(paths, 0)
@@ -65,7 +65,7 @@ def run(layout: StackLayout, out: Path, quick: bool) -> dict[str, Any]:
         "max_tokens": max_tokens,
         **stats,
         "ttft_p50_overhead_ms": round(g["ttft"]["p50_ms"] - d["ttft"]["p50_ms"], 2),
-        "itl_p50_ratio": round(g["itl"]["p50_ms"] / d["itl"]["p50_ms"], 3),
+        "itl_p50_ratio": round(g["itl"]["p50_ms"] / d["itl"]["p50_ms"], 3) if d["itl"]["p50_ms"] else None,
     }
     plot(samples, out / "stream.png")
     return result

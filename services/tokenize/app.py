@@ -22,11 +22,12 @@ from llmesh.common.settings import load_settings
 from llmesh.common.status import error_status
 from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion, VersionTokenizer
 from llmesh.common.topics import Header
-from llmesh.common.validation import InvalidRequest, validate_task, validate_tokenize
+from llmesh.common.validation import SHOWN_CHARS, InvalidRequest, validate_task, validate_tokenize
 from llmesh.v1 import events_pb2, tokenize_pb2, tokenize_pb2_grpc
 from services.tokenize.settings import TokenizeSettings
 
 ENCODED = Counter("llmesh_tokenize_prompt_tokens_total", "Prompt tokens encoded", ["model", "version"])
+MAX_REQUEST_ID_CHARS = 128  # a Kafka key and part of Redis keys downstream
 REJECTED = Counter("llmesh_tokenize_rejected_total", "Requests refused before inference", ["reason"])
 
 
@@ -101,8 +102,10 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
         task = await self.dead_letters.decode(msg, events_pb2.GenerateTask)
         if task is None:
             return
-        if not task.request_id or not task.model or not task.version:
-            await self.dead_letters.send(msg, "GenerateTask lacks request_id, model or version")
+        if not 0 < len(task.request_id) <= MAX_REQUEST_ID_CHARS or not task.model or not task.version:
+            await self.dead_letters.send(
+                msg, f"GenerateTask lacks a request_id (1 to {MAX_REQUEST_ID_CHARS} characters), model or version"
+            )
             return
         reply_to = kafka.header(msg, Header.REPLY_TO)
         if not reply_to:
@@ -149,7 +152,11 @@ class TokenizeService(KafkaService, tokenize_pb2_grpc.TokenizerServicer):
     async def _reject(self, task: events_pb2.GenerateTask, reply_to: str, code: grpc.StatusCode, message: str) -> None:
         REJECTED.labels(code.name).inc()
         chunk = events_pb2.TextChunk(
-            request_id=task.request_id, model=task.model, version=task.version, final=True, error=error_status(code, message)
+            request_id=task.request_id,
+            model=task.model[:SHOWN_CHARS],  # a refused name may be huge: the message names it, cut
+            version=task.version,
+            final=True,
+            error=error_status(code, message),
         )
         await self.outbox.send(chunk, reply_to, chunk.request_id, request_id=chunk.request_id)
 

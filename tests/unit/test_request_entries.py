@@ -98,6 +98,30 @@ async def test_the_kafka_entry_refuses_a_100kb_model_name_with_a_bounded_message
     assert "model name must be" in reply.error.message and len(reply.error.message) < 300
 
 
+@pytest.mark.parametrize(
+    ("request_id", "reply_to", "reason"),
+    [
+        ("r" * 129, REPLIES, "lacks a request_id (1 to 128 characters)"),
+        ("kafka-1", "llmesh.replies.gw1", "names a mesh topic as reply-to"),  # answering in a gateway's name
+        ("kafka-1", topics.SHADOW_RESULTS, "names a mesh topic as reply-to"),  # forging a shadow result
+        ("kafka-1" + topics.SHADOW_SUFFIX, REPLIES, "a mirrored request's id"),
+    ],
+)
+async def test_the_kafka_entry_dead_letters_tasks_that_would_answer_in_the_mesh_s_name(request_id, reply_to, reason):
+    service = TokenizeService(TokenizeSettings())
+    letters: list[str] = []
+
+    @service.broker.subscriber(topics.DEAD_LETTER)
+    async def collect(_body: bytes) -> None:
+        letters.append(service.broker.context.get_local("message").headers[Header.DLQ_REASON])
+
+    task = _task()
+    task.request_id = request_id
+    async with TestKafkaBroker(service.broker) as broker:
+        await broker.publish(task.SerializeToString(), topics.GENERATE_REQUESTS, key=b"k", headers={Header.REPLY_TO: reply_to})
+    assert len(letters) == 1 and reason in letters[0]
+
+
 # ---- tokenize: gRPC Tokenize / CountTokens ------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import ipaddress
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -238,8 +239,11 @@ def test_a_signed_release_of_a_folder_outside_the_artifact_roots_is_refused(mesh
         shutil.rmtree(outside)
 
 
-def _triton(mesh: StackLayout, name: str) -> float:
-    return metric_sum(mesh.address("triton_metrics"), name, model="chat-v1")
+def _triton_tally(mesh: StackLayout) -> tuple[int, int]:
+    """Tokens generated and requests stopped on a cancel, as the model's stubs inside Triton count
+    them (services/infer/triton_model/model.py, Tally)."""
+    counts = [struct.unpack("qq", f.read_bytes()[:16]) for f in (mesh.triton_repository / ".tally").iterdir()]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def test_cancelled_streams_stop_in_triton_and_the_key_pays_what_was_generated(mesh, secure):
@@ -249,8 +253,7 @@ def test_cancelled_streams_stop_in_triton_and_the_key_pays_what_was_generated(me
     before = (
         metric_sum(infer_metrics, "llmesh_infer_generated_tokens_total", model="chat", version="1"),
         metric_sum(infer_metrics, "llmesh_infer_cancelled_total"),
-        _triton(mesh, "llmesh_model_generated_tokens_total"),
-        _triton(mesh, "llmesh_model_cancelled_total"),
+        *_triton_tally(mesh),
     )
     sampling = common_pb2.SamplingParams(max_tokens=200, temperature=0.0)
     for n in range(8):
@@ -260,13 +263,20 @@ def test_cancelled_streams_stop_in_triton_and_the_key_pays_what_was_generated(me
         call.cancel()
         _wait_settled(mesh, key_id, n + 1)
     generated = metric_sum(infer_metrics, "llmesh_infer_generated_tokens_total", model="chat", version="1") - before[0]
-    in_triton = _triton(mesh, "llmesh_model_generated_tokens_total") - before[2]
+    _wait_stopped_in_triton(mesh, before[3] + 8)
+    in_triton = _triton_tally(mesh)[0] - before[2]
     usage = asyncio.run(_usage(mesh, key_id))
     print(f"8 cancelled streams: infer received {generated:.0f} tokens, Triton generated {in_triton:.0f}, the key paid {usage}")
     assert metric_sum(infer_metrics, "llmesh_infer_cancelled_total") - before[1] == 8
-    assert _triton(mesh, "llmesh_model_cancelled_total") - before[3] == 8, "Triton stopped each generation"
     assert usage.requests == 8 and usage.completion_tokens == generated, "charged exactly what was generated"
     assert generated <= in_triton < 8 * 200 / 4, "the generations stopped long before max_tokens"
+
+
+def _wait_stopped_in_triton(mesh: StackLayout, cancelled: int) -> None:
+    deadline = time.monotonic() + 30
+    while _triton_tally(mesh)[1] < cancelled:
+        assert time.monotonic() < deadline, "Triton did not stop every cancelled generation"
+        time.sleep(0.05)
 
 
 def _wait_settled(mesh: StackLayout, key_id: str, requests: int) -> None:

@@ -11,9 +11,8 @@ Outputs: streaming, one response per generated token with TOKEN_IDS int32[1], th
          with TOKEN_IDS int32[0] and FINISH_REASON ("length", "stop" or "eos"); not streaming, only
          the final response, carrying every generated token (each response costs the backend an IPC
          round trip, several times the compute of one token of a small model).
-Metrics (on Triton's metrics port): llmesh_model_generated_tokens_total and
-         llmesh_model_cancelled_total, per model and version: what Triton itself computed, so that a
-         cancel that did not stop the generation shows.
+Tally:   each stub counts the tokens it generated and the requests it stopped on a cancel in a
+         file of its own (see Tally), so that a cancel that did not stop the generation shows.
 """
 
 import json
@@ -103,10 +102,26 @@ def _stop_strings(request):
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in tensor.as_numpy().reshape(-1)]
 
 
-def _counter(name, description, labels):
-    """A counter and its family: the family must outlive the counter, so both are kept."""
-    family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-    return family, family.Metric(labels=labels)
+class Tally:
+    """What this stub computed: `<folder>/<pid>` holds two int64, the tokens it generated and the
+    requests it stopped on a cancel, updated in place (memory-mapped). Triton's custom metrics API
+    costs an IPC round trip per update, and a stub crashed when models sharing a metric family were
+    unloaded; a file costs neither. Files of stubs that ended stay: the counts are the repository's."""
+
+    def __init__(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, str(os.getpid()))
+        with open(path, "wb") as f:
+            f.write(bytes(16))
+        with open(path, "r+b") as f:
+            self.view = mmap.mmap(f.fileno(), 16)
+        self.lock, self.generated, self.cancelled = threading.Lock(), 0, 0
+
+    def add(self, tokens, cancelled):
+        with self.lock:
+            self.generated += tokens
+            self.cancelled += cancelled
+            self.view[:16] = struct.pack("qq", self.generated, self.cancelled)
 
 
 def _response(token_ids, finish_reason=""):
@@ -135,14 +150,9 @@ class TritonPythonModel:
         self.context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 2048)
         self.background_niceness = int(params.get("background_niceness", "15") or 0)
         self.threads = []
-        labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.tokens_family, self.tokens_metric = _counter(
-            "llmesh_model_generated_tokens_total", "Tokens this model generated", labels
-        )
-        self.cancelled_family, self.cancelled_metric = _counter(
-            "llmesh_model_cancelled_total", "Requests stopped by a cancel", labels
-        )
-        self.foreground = Foreground(os.path.join(os.path.dirname(args["model_repository"]), ".foreground"))
+        shared = os.path.dirname(args["model_repository"])
+        self.foreground = Foreground(os.path.join(shared, ".foreground"))
+        self.tally = Tally(os.path.join(shared, ".tally"))
 
     def execute(self, requests):
         for request in requests:
@@ -160,13 +170,10 @@ class TritonPythonModel:
             os.setpriority(os.PRIO_PROCESS, 0, self.background_niceness)  # on Linux: this thread only
         else:
             self.foreground.enter(1)
+        generated, finish = [], ""
         try:
-            generated = []
             emit = (lambda token: sender.send(_response([token]))) if stream else None
             finish = self._generate(request, generated, emit, background)
-            self.tokens_metric.increment(len(generated))  # once per request: each update is an IPC round trip
-            if finish == "cancelled":
-                self.cancelled_metric.increment(1)
             final = [] if stream else generated  # streamed tokens were sent one by one already
             sender.send(_response(final, finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as err:  # report to the client instead of killing the stub
@@ -175,6 +182,7 @@ class TritonPythonModel:
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
             )
         finally:
+            self.tally.add(len(generated), finish == "cancelled")
             if not background:
                 self.foreground.enter(-1)
 
@@ -243,5 +251,3 @@ class TritonPythonModel:
     def finalize(self):
         for thread in self.threads:
             thread.join(timeout=10)
-        self.tokens_metric = self.cancelled_metric = None  # counters before their families
-        self.tokens_family = self.cancelled_family = None

@@ -14,15 +14,26 @@ def stack_processes(layout: StackLayout) -> dict[str, list[psutil.Process]]:
     """Every live process of the stack by component: each process the stack started with its
     descendants; infer's tritonserver counts as `tritonserver`, Triton's stubs as `triton-stubs`."""
     found: dict[str, list[psutil.Process]] = {}
-    for path in layout.pids.glob("*.pid"):
+    leaders = {path.stem: int(path.read_text()) for path in layout.pids.glob("*.pid")}
+    for name, pid in leaders.items():
         try:
-            leader = psutil.Process(int(path.read_text()))
-            members = [leader, *leader.children(recursive=True)]
+            members = _members(psutil.Process(pid), set(leaders.values()))
         except psutil.NoSuchProcess:
             continue
         for proc in members:
-            found.setdefault(_component(proc, path.stem), []).append(proc)
+            found.setdefault(_component(proc, name), []).append(proc)
     return found
+
+
+def _members(leader: psutil.Process, leaders: set[int]) -> list[psutil.Process]:
+    """`leader` and its descendants, but not a process the stack started itself (the supervisor's
+    restarts are its children) nor what is below that one: each counts once, under its own name."""
+    members = [leader]
+    for child in leader.children():
+        if child.pid not in leaders:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                members += _members(child, leaders)
+    return members
 
 
 def _component(proc: psutil.Process, started_as: str) -> str:

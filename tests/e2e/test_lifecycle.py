@@ -40,7 +40,7 @@ def test_up_then_down_leaves_nothing(tmp_path: Path, models_dir: Path):
         layout = StackLayout.load(home)
         assert layout is not None
         pids = [int(p.read_text()) for p in layout.pids.glob("*.pid")]
-        assert len(pids) == 6, "broker, redis and the four services"
+        assert len(pids) == 7, "broker, redis, the four services and the supervisor"
         infer = processes.pid_of(layout, "infer")
         assert infer is not None and processes.child_named(infer, "tritonserver"), "infer runs tritonserver"
         triton_stubs = [p for p in _stack_processes(home) if "triton_python_backend_stub" in p]

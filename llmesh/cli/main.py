@@ -131,7 +131,10 @@ def _print_status(layout: StackLayout) -> None:
         port = layout.ports.get(name) or layout.ports.get("triton_grpc")
         health = client.health_status(layout.address(name)) if name in SERVICES else ("running" if pid else "stopped")
         metrics = f"http://127.0.0.1:{layout.ports[name + '_metrics']}/metrics" if name in SERVICES else ""
-        row(name, pid, f"127.0.0.1:{port}" if name != "supervisor" else "", health, metrics)
+        address = f"127.0.0.1:{port}" if name != "supervisor" else ""
+        if name == "gateway":
+            address += f"\n{layout.http_url()} (OpenAI-compatible HTTP)"
+        row(name, pid, address, health, metrics)
     for name, ports in stack.extra_replicas(layout).items():
         address, pid = f"127.0.0.1:{ports['grpc']}", processes.pid_of(layout, name)
         health = client.health_status(address) if pid else "stopped"

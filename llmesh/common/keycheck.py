@@ -49,33 +49,32 @@ def secret_of(metadata: dict[str, str]) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-class KeyCheck(grpc.aio.ServerInterceptor):
-    """Refuses calls without a live key holding one of the method's scopes (UNAUTHENTICATED,
-    PERMISSION_DENIED); the handler finds the caller's key in CALLER."""
+class Refused(Exception):
+    """A caller without a live key holding the scope: UNAUTHENTICATED or PERMISSION_DENIED."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class KeyRing:
+    """Who calls, by the secret they present, and whether their key holds a scope; shared by the
+    gRPC interceptor below and the gateway's HTTP API, so both check keys the same way."""
 
     def __init__(self, keys: KeyFinder) -> None:
         self.keys = keys
         self._cache: dict[str, tuple[ApiKey | None, float]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        scopes = scopes_for(details.method)
-        if not scopes or handler is None:
-            return handler
-        metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
-        secret = secret_of(metadata)
+    async def authorize(self, secret: str, scopes: tuple[Scope, ...]) -> ApiKey:
+        """The live key of `secret` holding one of `scopes`; else Refused."""
         key = await self._find(secret) if secret else None
         if key is None:
             reason = "this API key is not valid (revoked or unknown)" if secret else "an API key is required (x-api-key)"
-            return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, reason)
         if not any(scope in key.scopes for scope in scopes):
             wanted = " or ".join(repr(scope.value) for scope in scopes)
-            return refusal(handler, grpc.StatusCode.PERMISSION_DENIED, f"key {key.id} lacks the {wanted} scope")
-        return _as_caller(handler, key)
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"key {key.id} lacks the {wanted} scope")
+        return key
 
     async def _find(self, secret: str) -> ApiKey | None:
         now = time.monotonic()
@@ -87,6 +86,30 @@ class KeyCheck(grpc.aio.ServerInterceptor):
             self._cache.clear()
         self._cache[secret] = (key, now)
         return key
+
+
+class KeyCheck(grpc.aio.ServerInterceptor):
+    """Refuses calls without a live key holding one of the method's scopes (UNAUTHENTICATED,
+    PERMISSION_DENIED); the handler finds the caller's key in CALLER."""
+
+    def __init__(self, keys: KeyFinder) -> None:
+        self.ring = KeyRing(keys)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        scopes = scopes_for(details.method)
+        if not scopes or handler is None:
+            return handler
+        metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
+        try:
+            key = await self.ring.authorize(secret_of(metadata), scopes)
+        except Refused as refused:
+            return refusal(handler, refused.code, refused.message)
+        return _as_caller(handler, key)
 
 
 def _as_caller(handler: grpc.RpcMethodHandler, key: ApiKey) -> grpc.RpcMethodHandler:

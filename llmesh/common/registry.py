@@ -7,7 +7,8 @@ Keys:
                                            flipped_at: the roles gateways route by, once every live infer replica is ready
   llmesh:model:{name}:versions             hash: version -> JSON VersionRecord
   llmesh:model:{name}:history              list of JSON history entries (newest last)
-  llmesh:tokenizer:{digest}                hash: tokenizer.json, config.json of a stored version (checked by sha256 on read)
+  llmesh:tokenizer:{digest}                hash: tokenizer.json, config.json and, when the version has one,
+                                           tokenizer_config.json of a stored version (checked by sha256 on read)
   llmesh:tokenizer:{digest}:holders        set of replicas (gateway, tokenize) that hold the version's tokenizer
   llmesh:event:{event_id}                  "{offset} applied", or "{offset} applying {replica}" while one replica applies it
   llmesh:events:refused                    set of "{event_id}@{offset}" already refused (not refused twice on replay)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import Enum, StrEnum
 
@@ -34,6 +36,13 @@ PREFIX = "llmesh"
 MODELS = f"{PREFIX}:models"
 REFUSED_EVENTS = f"{PREFIX}:events:refused"
 TOKENIZER_FILES = ("tokenizer.json", "config.json")
+OPTIONAL_TOKENIZER_FILES = ("tokenizer_config.json",)  # the chat template and special tokens, when a version has them
+
+
+def tokenizer_file_names(sha256: Mapping[str, str]) -> tuple[str, ...]:
+    """The tokenizer files of a version whose artifacts have these sha256: the required ones and the
+    optional ones it has (every file of a release is in its sha256, so none can be left out unseen)."""
+    return TOKENIZER_FILES + tuple(name for name in OPTIONAL_TOKENIZER_FILES if name in sha256)
 
 
 class VersionState(StrEnum):

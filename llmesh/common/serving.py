@@ -42,6 +42,10 @@ class Service(Protocol):
 
     async def start(self) -> None: ...
 
+    async def stop_accepting(self, grace: float) -> None:
+        """Close the service's doors beside gRPC (the gateway's HTTP API), letting in-flight requests
+        finish within `grace` seconds; runs alongside the gRPC server's own graceful stop."""
+
     async def drain(self, timeout: float) -> None:
         """Stop taking new work and wait up to `timeout` seconds for in-flight work."""
 
@@ -112,7 +116,7 @@ async def run_service(service: Service, settings: ServiceSettings, ready: Callab
     log.info("shutting down: draining in-flight work", extra={"drain_seconds": settings.drain_seconds})
     await health_servicer.enter_graceful_shutdown()
     # RPCs first (they may wait on Kafka replies, so Kafka stays up), then Kafka-driven work.
-    await server.stop(grace=settings.drain_seconds)
+    await asyncio.gather(server.stop(grace=settings.drain_seconds), service.stop_accepting(settings.drain_seconds))
     await service.drain(settings.drain_seconds)
     await service.stop()
     metrics_server.shutdown()
@@ -157,6 +161,9 @@ class KafkaService:
     def extra_topics(self) -> dict[str, int]:
         """Topics of this service's own (name: partitions) beside the mesh's."""
         return {}
+
+    async def stop_accepting(self, grace: float) -> None:
+        """Only gRPC takes requests (the gateway adds its HTTP API)."""
 
     async def prepare(self) -> None:
         """Work after the broker is connected and before any message is consumed."""

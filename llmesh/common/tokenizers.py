@@ -9,11 +9,13 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from llmesh.common.registry import TOKENIZER_FILES, Registry
+from llmesh.common.chat import ChatMessage, ChatTemplate, ChatTemplateError
+from llmesh.common.registry import Registry, tokenizer_file_names
 from llmesh.v1 import common_pb2, events_pb2
 
 log = logging.getLogger("llmesh.tokenizers")
@@ -33,10 +35,27 @@ class VersionTokenizer:
     version: int
     tokenizer: Tokenizer
     context: int  # the model's maximum sequence length (prompt + generated tokens)
+    chat_template: ChatTemplate | None = None  # from tokenizer_config.json, when the version has one
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """The prompt's token ids; InvalidPrompt if it leaves no room to generate."""
-        ids: list[int] = self.tokenizer.encode(prompt).ids
+        return self._fits(self.tokenizer.encode(prompt).ids)
+
+    def encode_chat(self, messages: Sequence[ChatMessage], max_chars: int) -> list[int]:
+        """The token ids of the messages rendered by the version's chat template (with the generation
+        prompt), encoded without adding special tokens as transformers' apply_chat_template does;
+        InvalidPrompt if there is no template, it fails, renders over `max_chars` or leaves no room."""
+        if self.chat_template is None:
+            raise InvalidPrompt(
+                f"model {self.model}@{self.version} has no chat template; send a prompt to /v1/completions instead"
+            )
+        try:
+            text = self.chat_template.render(messages, add_generation_prompt=True, max_chars=max_chars)
+        except ChatTemplateError as err:
+            raise InvalidPrompt(str(err)) from err
+        return self._fits(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _fits(self, ids: list[int]) -> list[int]:
         if not ids:
             raise InvalidPrompt("prompt encodes to no tokens")
         if len(ids) >= self.context:
@@ -45,11 +64,31 @@ class VersionTokenizer:
         return ids
 
 
-def tokenizer_from_files(model: str, version: int, files: dict[str, str]) -> VersionTokenizer:
+def tokenizer_from_files(model: str, version: int, files: Mapping[str, str]) -> VersionTokenizer:
+    """A version's tokenizer from its tokenizer files; ValueError (ChatTemplateError for a template
+    that does not compile) if they do not load."""
     tokenizer = Tokenizer.from_str(files["tokenizer.json"])
     config = json.loads(files["config.json"])
     context = int(config.get("n_positions") or config.get("max_position_embeddings") or 2048)
-    return VersionTokenizer(model, version, tokenizer, context)
+    template = None
+    if (tokenizer_config := files.get("tokenizer_config.json")) is not None:
+        parsed = json.loads(tokenizer_config)
+        if not isinstance(parsed, dict):
+            raise ValueError("tokenizer_config.json is not a JSON object")
+        template = ChatTemplate.from_config(parsed)
+    return VersionTokenizer(model, version, tokenizer, context, template)
+
+
+def checked_tokenizer_files(model: str, version: int, files: Mapping[str, str], sha256: Mapping[str, str]) -> dict[str, str]:
+    """The version's tokenizer files as stored in the registry, each checked against the sha256 of
+    its release (an optional file that the release lists is required too); UnknownVersion if one is
+    missing or altered. Files the release does not list are left out."""
+    checked: dict[str, str] = {}
+    for name in tokenizer_file_names(sha256):
+        if name not in files or hashlib.sha256(files[name].encode()).hexdigest() != sha256.get(name):
+            raise UnknownVersion(f"the tokenizer of {model}@{version} is missing or altered in the registry")
+        checked[name] = files[name]
+    return checked
 
 
 class TokenizerCatalog:
@@ -75,10 +114,8 @@ class TokenizerCatalog:
             if record is None or not record.digest:
                 raise UnknownVersion(f"model {model} version {version} is not registered")
             if (found := self._by_digest.get(record.digest)) is None or found.model != model or found.version != version:
-                files = await self.registry.tokenizer_files(record.digest)
-                for name in TOKENIZER_FILES:
-                    if name not in files or hashlib.sha256(files[name].encode()).hexdigest() != record.sha256.get(name):
-                        raise UnknownVersion(f"the tokenizer of {model}@{version} is missing or altered in the registry")
+                stored = await self.registry.tokenizer_files(record.digest)
+                files = checked_tokenizer_files(model, version, stored, record.sha256)
                 found = await asyncio.to_thread(tokenizer_from_files, model, version, files)
                 self._by_digest[record.digest] = found
             self._digest_of[(model, version)] = record.digest

@@ -25,6 +25,7 @@ import random
 import re
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -223,16 +224,41 @@ def sampling_from_values(
     return events_pb2.ResolvedSampling(max_tokens=max_tokens, temperature=temp, top_p=p, seed=seed, stop=list(stop))
 
 
+@dataclass(frozen=True)
+class SamplingValues:
+    """A client's sampling as sent, by any transport: None where unset (the defaults of RequestLimits)."""
+
+    max_tokens: object = None
+    temperature: object = None
+    top_p: object = None
+    seed: object = None  # None: a random seed
+    stop: object = ()
+
+    @classmethod
+    def from_proto(cls, params: common_pb2.SamplingParams) -> SamplingValues:
+        return cls(
+            max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
+            temperature=params.temperature if params.HasField("temperature") else None,
+            top_p=params.top_p if params.HasField("top_p") else None,
+            seed=params.seed if params.HasField("seed") else None,
+            stop=list(params.stop),
+        )
+
+    def resolve(self, limits: RequestLimits) -> events_pb2.ResolvedSampling:
+        """Checked and normalised; unset fields take the defaults of `limits`."""
+        return sampling_from_values(
+            max_tokens=limits.default_max_tokens if self.max_tokens is None else self.max_tokens,
+            temperature=limits.default_temperature if self.temperature is None else self.temperature,
+            top_p=limits.default_top_p if self.top_p is None else self.top_p,
+            seed=self.seed,
+            stop=self.stop,
+            limits=limits,
+        )
+
+
 def resolve_sampling(params: common_pb2.SamplingParams, limits: RequestLimits) -> events_pb2.ResolvedSampling:
     """A client's sampling (unset fields take the defaults of `limits`), checked and normalised."""
-    return sampling_from_values(
-        max_tokens=params.max_tokens if params.HasField("max_tokens") else limits.default_max_tokens,
-        temperature=params.temperature if params.HasField("temperature") else limits.default_temperature,
-        top_p=params.top_p if params.HasField("top_p") else limits.default_top_p,
-        seed=params.seed if params.HasField("seed") else None,
-        stop=list(params.stop),
-        limits=limits,
-    )
+    return SamplingValues.from_proto(params).resolve(limits)
 
 
 def check_resolved(sampling: events_pb2.ResolvedSampling, limits: RequestLimits) -> events_pb2.ResolvedSampling:

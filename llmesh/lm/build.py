@@ -17,6 +17,18 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from llmesh.lm.corpus import stdlib_docstrings
 
 EOS = "<|endoftext|>"
+# The demo models are plain-text LMs (stdlib docstrings) prompted with plain text such as "Return the
+# number of", so their chat template adds no markup they never saw: system/developer messages first, one
+# a line, then the other messages' contents joined by newlines, and no generation prompt: one user
+# message renders to exactly its text, which the model continues as /v1/completions would.
+DEMO_CHAT_TEMPLATE = (
+    "{% for message in messages if message.role in ['system', 'developer'] %}"
+    "{{ message.content }}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% for message in messages if message.role not in ['system', 'developer'] %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}{{ message.content }}"
+    "{% endfor %}"
+)
 
 
 class ModelRecipe(BaseModel):
@@ -117,8 +129,21 @@ def train_model(
     return model, loss_value
 
 
+def ensure_chat_template(folder: Path) -> bool:
+    """Give a demo model folder built before DEMO_CHAT_TEMPLATE existed the template (True if its
+    tokenizer_config.json was rewritten, as transformers writes that file)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "chat_template" in config:
+        return False
+    config["chat_template"] = DEMO_CHAT_TEMPLATE
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
 def build_model(recipe: ModelRecipe, out_dir: Path, progress: Callable[[int, float], None] | None = None) -> dict[str, object]:
-    """Train per `recipe` and write config, safetensors weights and tokenizer.json into `out_dir`."""
+    """Train per `recipe` and write config, safetensors weights, tokenizer.json and tokenizer_config.json
+    (with DEMO_CHAT_TEMPLATE) into `out_dir`."""
     started = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     text = _corpus_text(recipe)
@@ -130,7 +155,8 @@ def build_model(recipe: ModelRecipe, out_dir: Path, progress: Callable[[int, flo
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
-    fast.save_pretrained(out_dir)
+    fast.chat_template = DEMO_CHAT_TEMPLATE
+    fast.save_pretrained(out_dir, save_jinja_files=False)  # the template in tokenizer_config.json, not chat_template.jinja
     summary: dict[str, object] = {
         "recipe": recipe.model_dump(),
         "final_loss": round(final_loss, 4),

@@ -17,6 +17,7 @@ DEFAULT_PORTS = {
     "triton_grpc": 18001,
     "triton_metrics": 18002,
     "gateway": 50051,
+    "gateway_http": 8080,  # the gateway's OpenAI-compatible HTTP API
     "tokenize": 50052,
     "infer": 50053,
     "eval": 50054,
@@ -97,8 +98,19 @@ class StackLayout(BaseModel):
 
     @classmethod
     def load(cls, home: Path) -> StackLayout | None:
+        """The saved layout, or None. A port added since it was saved (`gateway_http`) is filled in
+        once and saved: its default when the stack runs on the default ports, else a free port."""
         path = home / "stack.json"
-        return cls.model_validate_json(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        layout = cls.model_validate_json(path.read_text())
+        if missing := [name for name in DEFAULT_PORTS if name not in layout.ports]:
+            defaults = all(DEFAULT_PORTS.get(name) == port for name, port in layout.ports.items())
+            taken = set(layout.ports.values())
+            for name in missing:
+                layout.ports[name] = DEFAULT_PORTS[name] if defaults else free_port(taken)
+            layout.save()
+        return layout
 
     def save(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -106,6 +118,10 @@ class StackLayout(BaseModel):
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    def http_url(self, name: str = "gateway_http") -> str:
+        """The base URL of the gateway's OpenAI-compatible HTTP API (`.../v1/chat/completions`)."""
+        return f"http://127.0.0.1:{self.ports[name]}/v1"
 
     @property
     def logs(self) -> Path:

@@ -28,11 +28,13 @@ def demo_model_dir(models_dir: Path, version: int) -> Path:
 
 
 def ensure_demo_models(models_dir: Path, report: Report) -> None:
-    from llmesh.lm.build import DEMO_RECIPES, build_model  # torch: imported only when needed
+    from llmesh.lm.build import DEMO_RECIPES, build_model, ensure_chat_template  # torch: imported only when needed
 
     for version, recipe in DEMO_RECIPES.items():
         target = demo_model_dir(models_dir, version)
         if (target / "model.safetensors").exists():
+            if ensure_chat_template(target):  # built before the demo models had a chat template
+                report(f"added the chat template to demo model {DEMO_MODEL} v{version}")
             continue
         report(f"building demo model {DEMO_MODEL} v{version} (CPU, about a minute)")
         staging = target.with_name(target.name + ".building")
@@ -113,6 +115,8 @@ def service_env(layout: StackLayout, name: str) -> dict[str, str]:
         "LLMESH_RELEASE_HMAC_KEY": layout.release_key(),  # secure by default: only signed releases apply
         "LLMESH_MESH_HMAC_KEY": layout.mesh_key(),  # and only the services' own sealed replies are trusted
     }
+    if name == "gateway":
+        env["LLMESH_HTTP_PORT"] = str(p["gateway_http"])  # its OpenAI-compatible HTTP API
     if name == "infer":
         env["LLMESH_REPLICA"] = "infer"  # one name across restarts: a restarted replica settles its own leases
         env |= infer_env(layout, layout.triton_repository, p["triton_grpc"], p["triton_http"], p["triton_metrics"])
@@ -258,6 +262,7 @@ def up(
         down(home, lambda _: None)
         raise
     report(f"model {DEMO_MODEL} v{version} is SERVING; crashed processes are started again (llmesh status)")
+    report(f"OpenAI-compatible HTTP API: {layout.http_url()}")
     return layout
 
 

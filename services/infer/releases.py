@@ -17,7 +17,7 @@ from prometheus_client import Histogram
 
 from llmesh.common.desired import ModelState, transition
 from llmesh.common.events import InvalidEvent, ReleaseEvent
-from llmesh.common.registry import TOKENIZER_FILES, EventClaim, Registry, Routing, VersionRecord, VersionState
+from llmesh.common.registry import EventClaim, Registry, Routing, VersionRecord, VersionState, tokenizer_file_names
 from llmesh.common.tasks import cancel
 from llmesh.common.tokenizers import TokenizerCatalog
 from services.infer.reconcile import Reconciler, VersionStates
@@ -114,7 +114,8 @@ class ReleaseApplier:
             roots = self.settings.artifact_roots
             files = await asyncio.to_thread(verify_release, event, [*roots, self.store.root] if roots else [])
             stored = await asyncio.to_thread(self.store.put, record.digest, files)
-            await self.registry.put_tokenizer(record.digest, {n: stored[n].read_text() for n in TOKENIZER_FILES})
+            names = tokenizer_file_names(record.sha256)
+            await self.registry.put_tokenizer(record.digest, {n: stored[n].read_text() for n in names})
             await self.states.set(event.model, record, VersionState.STAGED, event=event)  # gateways preload its tokenizer
             await self._load_tokenizer(event)
             await self.states.set(event.model, record, VersionState.LOADING, event=event)

@@ -20,6 +20,8 @@ models:
   canaryshare: {on_pass: hold, on_fail: hold}   # measured, never decided
   fleet: {on_pass: hold, on_fail: hold}
   shadowcost: {on_pass: hold, on_fail: hold}    # the shadow-cost benchmark's model
+  httpcanary: {on_pass: hold, on_fail: hold}    # the HTTP API's candidates (test_openai_api.py)
+  httpshadow: {on_pass: hold, on_fail: hold}
 """
 
 

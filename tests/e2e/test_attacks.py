@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 
+import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -18,6 +19,7 @@ from llmesh.common import topics
 from llmesh.common.seal import MeshSeal
 from llmesh.loadgen import GatewayLoad
 from llmesh.stack import processes, stack, supervisor
+from llmesh.stack.layout import StackLayout
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
 from tests.e2e.kafka_tools import dead_letters_for
 from tests.e2e.metrics import metric_sum
@@ -34,6 +36,7 @@ def test_kill_9_of_the_only_infer_is_answered_within_seconds_and_it_comes_back_b
         time.sleep(2)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
+        refused = _http_refusal_while_down(mesh)
         wait_restarted(mesh, "infer", victim)  # no command: the stack's supervisor starts it again
         back_at = time.monotonic()
         deadline = back_at + 120
@@ -53,6 +56,20 @@ def test_kill_9_of_the_only_infer_is_answered_within_seconds_and_it_comes_back_b
     assert any("no infer replica is alive" in s.error for s in samples), "the refusal names what is down"
     assert not [s for s in samples if s.started > back_at + 1 and s.error], "after the restart every request succeeds"
     assert supervisor.restarts(mesh)["infer"]["restarts"] >= 1
+    assert refused.status_code == 503 and "no infer replica is alive" in refused.message, "HTTP clients get 503 too"
+
+
+def _http_refusal_while_down(mesh: StackLayout, timeout: float = 15) -> openai.APIStatusError:
+    """What the OpenAI SDK raises for a request while no infer replica is alive."""
+    deadline = time.monotonic() + timeout
+    with openai.OpenAI(base_url=mesh.http_url(), api_key="none", max_retries=0) as client:
+        while time.monotonic() < deadline:
+            try:
+                client.completions.create(model="chat", prompt="Return the number of", max_tokens=2, timeout=10)
+            except openai.APIStatusError as err:
+                return err
+            time.sleep(0.1)
+    raise AssertionError("no HTTP request was refused while infer was down")
 
 
 def test_llmesh_up_on_a_stack_with_a_killed_process_repairs_it(mesh):

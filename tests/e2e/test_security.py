@@ -4,12 +4,8 @@ the stack's open one: keys made with `llmesh keys`, scopes, revocation, per-key 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import shutil
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,99 +13,25 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh import client
 from llmesh.common.apikeys import ApiKeyStore
-from llmesh.stack import processes, stack
-from llmesh.stack.layout import StackLayout, free_port
+from llmesh.stack import processes
+from llmesh.stack.layout import StackLayout
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.e2e.gateways import keys_cli, new_key, start_keyed_gateway
 from tests.e2e.metrics import metric_sum
 
 pytestmark = pytest.mark.slow
-
-
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = folder / "gateway.crt", folder / "gateway.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
-def _health(address: str, ca: Path) -> str:
-    credentials = grpc.ssl_channel_credentials(ca.read_bytes())
-    try:
-        with grpc.secure_channel(address, credentials) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    except grpc.RpcError:
-        return "UNREACHABLE"
 
 
 @pytest.fixture(scope="module")
 def secure(mesh: StackLayout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """The address of a gateway with keys required, TLS on and room for 2 requests at once, and the
     certificate to trust."""
-    cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
-    port = free_port()
-    env = stack.service_env(mesh, "gateway") | {
-        "LLMESH_GRPC_PORT": str(port),
-        "LLMESH_METRICS_PORT": str(free_port()),
-        "LLMESH_GATEWAY_ID": "secure",
-        "LLMESH_API_KEYS_REQUIRED": "true",
-        "LLMESH_MAX_WAITING": "2",
-        "LLMESH_TLS_CERT_FILE": str(cert),
-        "LLMESH_TLS_KEY_FILE": str(key),
-    }
-    processes.start(mesh, "gateway-secure", [sys.executable, "-m", "services.gateway"], env)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while _health(address, cert) != "SERVING":  # health is open: probes carry no key
-        assert time.monotonic() < deadline, "the secure gateway did not start"
-        time.sleep(0.2)
-    yield address, cert
-    processes.stop(mesh, "gateway-secure")
-
-
-def _keys(mesh: StackLayout, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "llmesh.cli", "keys", *args, "--redis-url", mesh.redis_url],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return out.stdout
-
-
-def _new_key(mesh: StackLayout, *args: str) -> tuple[str, str]:
-    """(key id, secret) of a key made with the CLI."""
-    secret = _keys(mesh, "create", "--name", "e2e", *args).strip().splitlines()[-1]
-    return secret.split("_")[1], secret
+    gateway = start_keyed_gateway(mesh, "gateway-secure", tmp_path_factory.mktemp("tls"), LLMESH_MAX_WAITING="2")
+    yield gateway.address, gateway.cert
+    processes.stop(mesh, gateway.name)
 
 
 def _stub(secure: tuple[str, Path], key: str | None) -> gateway_pb2_grpc.GatewayStub:
@@ -134,7 +56,7 @@ def test_calls_without_a_live_key_are_refused(mesh, secure):
 
 
 def test_scopes_and_revocation(mesh, secure):
-    key_id, secret = _new_key(mesh, "--scope", "generate")
+    key_id, secret = new_key(mesh, "--scope", "generate")
     reply = _stub(secure, secret).Generate(REQUEST, timeout=30)
     assert reply.text and reply.version == 1
     assert "".join(c.text for c in _stub(secure, secret).GenerateStream(REQUEST, timeout=30)) == reply.text
@@ -148,12 +70,12 @@ def test_scopes_and_revocation(mesh, secure):
     with pytest.raises(grpc.RpcError) as denied:
         admin.Rollback(gateway_pb2.RollbackRequest(model="no-such-model"), timeout=10)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and "admin" in denied.value.details()
-    _, admin_secret = _new_key(mesh, "--scope", "admin")
+    _, admin_secret = new_key(mesh, "--scope", "admin")
     admin = gateway_pb2_grpc.AdminStub(client.gateway_channel(address, api_key=admin_secret, tls_ca=cert))
     with pytest.raises(grpc.RpcError) as allowed:  # past the key check, refused for the model
         admin.Rollback(gateway_pb2.RollbackRequest(model="no-such-model"), timeout=10)
     assert allowed.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "revoked" in _keys(mesh, "revoke", key_id)
+    assert "revoked" in keys_cli(mesh, "revoke", key_id)
     time.sleep(2.5)  # gateways cache a key's check for 2 s
     with pytest.raises(grpc.RpcError) as revoked:
         _stub(secure, secret).Generate(REQUEST, timeout=10)
@@ -161,7 +83,7 @@ def test_scopes_and_revocation(mesh, secure):
 
 
 def test_rate_limit_answers_resource_exhausted_with_retry_information(mesh, secure):
-    _, secret = _new_key(mesh, "--rps", "0.5")
+    _, secret = new_key(mesh, "--rps", "0.5")
     stub = _stub(secure, secret)
     stub.Generate(REQUEST, timeout=30)
     with pytest.raises(grpc.RpcError) as limited:
@@ -175,7 +97,7 @@ def test_rate_limit_answers_resource_exhausted_with_retry_information(mesh, secu
 
 
 def test_token_budget_and_usage_per_key(mesh, secure):
-    key_id, secret = _new_key(mesh, "--tokens-per-minute", "30")
+    key_id, secret = new_key(mesh, "--tokens-per-minute", "30")
     stub = _stub(secure, secret)
     big = gateway_pb2.GenerateRequest()
     big.CopyFrom(REQUEST)
@@ -199,13 +121,13 @@ def test_token_budget_and_usage_per_key(mesh, secure):
             await store.close()
 
     assert asyncio.run(usage()) == (1, reply.usage.prompt_tokens, reply.usage.completion_tokens)
-    assert f"{reply.usage.prompt_tokens}/{reply.usage.completion_tokens}" in _keys(mesh, "list")
+    assert f"{reply.usage.prompt_tokens}/{reply.usage.completion_tokens}" in keys_cli(mesh, "list")
 
 
 def test_beyond_its_bound_the_gateway_answers_resource_exhausted(mesh, secure):
     from concurrent.futures import ThreadPoolExecutor
 
-    _, secret = _new_key(mesh)
+    _, secret = new_key(mesh)
     stub = _stub(secure, secret)
     long = gateway_pb2.GenerateRequest()
     long.CopyFrom(REQUEST)
@@ -247,7 +169,7 @@ def _triton_tally(mesh: StackLayout) -> tuple[int, int]:
 
 
 def test_cancelled_streams_stop_in_triton_and_the_key_pays_what_was_generated(mesh, secure):
-    key_id, secret = _new_key(mesh, "--tokens-per-minute", "600")
+    key_id, secret = new_key(mesh, "--tokens-per-minute", "600")
     stub = _stub(secure, secret)
     infer_metrics = mesh.address("infer_metrics")
     before = (

@@ -52,6 +52,18 @@ def test_runs_the_images_build_images_makes() -> None:
     assert f"LLMESH_GRPC_PORT={published} " in (DOCKER / "gateway.Dockerfile").read_text()
 
 
+def test_the_gateway_publishes_its_http_api() -> None:
+    """The OpenAI-compatible HTTP API: the image exposes 8080 and listens there on all interfaces (as
+    LLMESH_GRPC_HOST=0.0.0.0 in the runtime image), and compose publishes it."""
+    dockerfile = (DOCKER / "gateway.Dockerfile").read_text()
+    (expose,) = (line.split()[1:] for line in dockerfile.splitlines() if line.startswith("EXPOSE "))
+    assert "8080" in expose
+    assert "LLMESH_HTTP_PORT=8080 " in dockerfile and "LLMESH_HTTP_HOST=0.0.0.0" in dockerfile
+    assert "8080:8080" in compose("compose.yaml")["services"]["gateway"]["ports"]
+    for service in set(SERVICES) - {"gateway"}:
+        assert "8080" not in (DOCKER / f"{service}.Dockerfile").read_text()
+
+
 def settings_class(service: str) -> type[ServiceSettings]:
     module = importlib.import_module(f"services.{service}.settings")
     (cls,) = (c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__)

@@ -23,6 +23,7 @@ K8S = REPO / "deploy" / "k8s"
 KUBERNETES = "1.31"
 CUSTOM = {"KafkaTopic", "ScaledObject", "PodMonitor"}  # CRDs of Strimzi, KEDA, prometheus-operator
 SERVICES = {"gateway": 50051, "tokenize": 50052, "infer": 50053, "eval": 50054}
+GATEWAY_HTTP = 8080  # the gateway's OpenAI-compatible HTTP API
 
 
 def kubectl() -> str:
@@ -77,6 +78,25 @@ def test_each_service_has_grpc_probes_a_service_a_disruption_budget_and_runs_as_
         assert pod["terminationGracePeriodSeconds"] > 30, "longer than the drain (LLMESH_DRAIN_SECONDS)"
         assert {p["port"] for p in services[name]["spec"]["ports"]} >= {port}
         assert budgets[name]["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_clients_reach_the_gateways_http_api(overlay):
+    """Port 8080 (named http) listens on all interfaces, is a port of the Service, and the
+    NetworkPolicy that admits clients to the gateway admits it besides gRPC."""
+    docs = render(overlay)
+    container = of_kind(docs, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LLMESH_HTTP_PORT"] == str(GATEWAY_HTTP) and env["LLMESH_HTTP_HOST"] == "0.0.0.0"
+    assert {"name": "http", "containerPort": GATEWAY_HTTP} in container["ports"]
+    ports = {p["name"]: p for p in of_kind(docs, "Service")["gateway"]["spec"]["ports"]}
+    assert ports["http"]["port"] == GATEWAY_HTTP and ports["http"]["targetPort"] == "http"
+    assert ports["http"]["appProtocol"] == "http"
+    (rule,) = of_kind(docs, "NetworkPolicy")["gateway-from-clients"]["spec"]["ingress"]
+    assert {p["port"] for p in rule["ports"]} == {SERVICES["gateway"], GATEWAY_HTTP}
+    for name in set(SERVICES) - {"gateway"}:  # the other services serve no HTTP API
+        other = of_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]["containers"][0]
+        assert GATEWAY_HTTP not in {p["containerPort"] for p in other["ports"]}
 
 
 def test_the_kafka_topics_are_the_meshs_topics():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from llmesh.lm.build import ModelRecipe, build_model
+from llmesh.lm.build import DEMO_CHAT_TEMPLATE, ModelRecipe, build_model, ensure_chat_template
 
 TINY = ModelRecipe(steps=3, vocab_size=300, n_layer=1, n_embd=32, n_head=2, context=64, seq_len=32, batch_size=4)
 
@@ -34,3 +34,16 @@ def test_folder_loads_with_the_standard_auto_classes(built):
     assert model.config.n_positions == 64
     assert tokenizer.decode(tokenizer("Return the value.")["input_ids"]) == "Return the value."
     assert json.loads((out / "llmesh_build.json").read_text())["weights_sha256"] == summary["weights_sha256"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == DEMO_CHAT_TEMPLATE
+    assert not (out / "chat_template.jinja").exists()
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Return the value."}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == "Be brief.\nReturn the value."
+
+
+def test_chat_template_added_to_an_older_folder(built, tmp_path: Path):
+    out, _ = built
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    assert ensure_chat_template(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == config
+    assert not ensure_chat_template(tmp_path)

@@ -1,0 +1,368 @@
+"""The gateway's data plane, free of any transport: one pass from a client's request to its answer.
+It validates, plans traffic (primary, canary, shadow), encodes the prompt with the answering
+version's tokenizer (chat messages through its chat template), admits (fleet, load, quota),
+publishes the task, yields the reply chunks, and records the outcome. Failures are GenerationErrors
+in the mesh's canonical status codes (gRPC's, as Kafka replies carry them); the gRPC servicer
+(services/gateway/app.py) and the OpenAI-compatible HTTP API (services/gateway/http_api.py) are thin
+adapters that map them to their own statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import grpc
+from aiokafka.errors import KafkaError
+from prometheus_client import Counter, Gauge, Histogram
+
+from llmesh.common import kafka, status, topics
+from llmesh.common.apikeys import ApiKey
+from llmesh.common.chat import ChatMessage
+from llmesh.common.polling import AdaptivePolling
+from llmesh.common.registry import Registry, Route
+from llmesh.common.serving import InFlight
+from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion, VersionTokenizer
+from llmesh.common.validation import InvalidRequest, SamplingValues, bounded, parse_model_ref, shown, validate_prompt
+from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
+from services.gateway.auth import QuotaExceeded, Quotas
+from services.gateway.fleetgate import FleetGate
+from services.gateway.replies import PendingReplies, ReplyTimeout
+from services.gateway.settings import GatewaySettings
+from services.gateway.traffic import TrafficPlan, plan
+
+REQUESTS = Counter("llmesh_gateway_requests_total", "Generate requests by outcome", ["model", "version", "code", "stream"])
+LATENCY = Histogram(
+    "llmesh_gateway_request_seconds",
+    "Time to the last chunk",
+    ["stream"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FIRST_CHUNK = Histogram(
+    "llmesh_gateway_first_chunk_seconds", "Time to the first text chunk", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+)
+WAITING = Gauge("llmesh_gateway_waiting_requests", "Requests waiting for replies")
+log = logging.getLogger("llmesh.gateway")
+RECORDS_IN_FLIGHT = 1024
+CANCEL_SETTLE_S = 5.0  # how long a cancelled request waits for infer to count what it generated
+
+Prompt = str | Sequence[ChatMessage]  # text as sent, or chat messages for the version's chat template
+
+
+class GenerationError(Exception):
+    """A request refused or failed, with a canonical status code and a message for the client;
+    `retry_after_s` when retrying later will help (a quota, the gateway's limit)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retry_after_s = code, bounded(message), retry_after_s
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        if self.retry_after_s is None:
+            return ()
+        return (("retry-after-ms", str(math.ceil(self.retry_after_s * 1000))),)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a client asks for, whatever the transport."""
+
+    model: str  # NAME (the primary, or a canary) or NAME@VERSION (pinned: no canary, no shadow)
+    prompt: Prompt
+    sampling: SamplingValues
+    stream: bool
+    caller: ApiKey | None = None  # the checked key, when keys are required
+    client_key: str = ""  # the key the client presented (canary stickiness), checked or not
+    traceparent: str | None = None
+    scenario: str = ""
+    timeout_s: float | None = None  # what is left of the client's deadline
+
+
+@dataclass
+class Outcome:
+    route: Route
+    request_id: str
+    stream: bool
+    started: float = field(default_factory=time.perf_counter)
+    first_chunk_ms: float = 0.0
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    shadowed: bool = False
+    texts: list[str] = field(default_factory=list)  # kept only when shadowed: eval compares the answers
+    generation_ms: float = 0.0
+    api_key_id: str = ""
+    key: ApiKey | None = None  # the caller's key, when keys are required
+    held_tokens: int = 0  # of the key's token budget, until the answer is in
+    prompt_tokens: int = 0
+    scenario: str = ""
+
+
+class DataPlane:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        registry: Registry,
+        quotas: Quotas,
+        outbox: kafka.Outbox,
+        polling: AdaptivePolling,
+        reply_topic: str,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.quotas = quotas
+        self.outbox = outbox
+        self.polling = polling
+        self.reply_topic = reply_topic
+        self.catalog = TokenizerCatalog(registry)
+        self.pending = PendingReplies()
+        self.fleet = FleetGate(registry.redis, self.pending)
+        self.records = InFlight(RECORDS_IN_FLIGHT)  # published after the answer left, off the client's path
+
+    # ---- catalogue -------------------------------------------------------------------------
+
+    async def models(self) -> list[gateway_pb2.ModelInfo]:
+        return [await self.model(name) for name in await self.registry.models()]
+
+    async def model(self, name: str, with_history: bool = False) -> gateway_pb2.ModelInfo:
+        if not name:
+            raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
+        if name not in await self.registry.models():
+            raise GenerationError(grpc.StatusCode.NOT_FOUND, f"model {shown(name)} is not registered")
+        routing = await self.registry.routing(name)
+        info = gateway_pb2.ModelInfo(name=name, primary_version=routing.primary, previous_version=routing.previous)
+        for r in await self.registry.versions(name):
+            info.versions.add(
+                version=r.version,
+                state=r.state_enum(),
+                label=r.label,
+                artifact_uri=r.artifact_uri,
+                reason=r.reason,
+                updated_at=r.updated_at,
+            )
+        for entry in await self.registry.history(name) if with_history else []:
+            info.history.add(
+                at=entry.at,
+                version=entry.version,
+                state=common_pb2.VersionState.Value(f"VERSION_STATE_{entry.state}"),
+                reason=entry.reason,
+            )
+        return info
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[tuple[Outcome, events_pb2.TextChunk], None]:
+        """The request's reply chunks, the last one final; GenerationError when refused or failed.
+        A cancelled consumer (client gone) cancels the generation in infer."""
+        sampling = self._validate(request)
+        request_id = uuid.uuid4().hex
+        traffic = await self._plan(request, request_id)
+        route = traffic.answer
+        outcome = Outcome(route, request_id, request.stream, shadowed=traffic.shadow is not None, scenario=request.scenario)
+        prompt_ids = await self._encode(route, request.prompt)
+        outcome.prompt_tokens = len(prompt_ids)
+        await self._admit(request, outcome, len(prompt_ids) + sampling.max_tokens)
+        timeout = min(request.timeout_s or math.inf, self.settings.request_timeout_s)
+        task = events_pb2.InferTask(
+            request_id=outcome.request_id,
+            model=route.model,
+            version=route.version,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            stream=request.stream,
+            deadline_unix_ms=int((time.time() + timeout) * 1000),
+        )
+        self.pending.open(outcome.request_id)
+        WAITING.inc()
+        try:
+            trace = status.traceparent(request.traceparent)  # one trace for the request and its mirror
+            await self._publish(task, trace, self.reply_topic)
+            if traffic.shadow is not None:
+                await self._mirror(task, traffic.shadow.version, request.prompt, trace)
+            deadline = asyncio.get_running_loop().time() + timeout
+            async for chunk in self.pending.chunks(outcome.request_id, deadline):
+                if chunk.HasField("error"):
+                    outcome.code = status.status_code(chunk.error)
+                    raise GenerationError(outcome.code, chunk.error.message)
+                if not outcome.first_chunk_ms:
+                    outcome.first_chunk_ms = (time.perf_counter() - outcome.started) * 1000
+                    FIRST_CHUNK.observe(outcome.first_chunk_ms / 1000)
+                if chunk.final:
+                    outcome.usage = chunk.usage
+                    outcome.generation_ms = chunk.generation_ms
+                if outcome.shadowed:
+                    outcome.texts.append(chunk.text)
+                yield outcome, chunk
+        except ReplyTimeout:
+            outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise GenerationError(outcome.code, f"no answer from the mesh within {timeout:.1f}s") from None
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (GeneratorExit: its transport closed us)
+            outcome.code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if outcome.code == grpc.StatusCode.CANCELLED:
+                await self.records.spawn(self._after_cancel(outcome))
+            else:
+                self.pending.close(outcome.request_id)
+                WAITING.dec()
+                await self.records.spawn(self._record(outcome, time.perf_counter() - outcome.started))
+
+    def _validate(self, request: GenerationRequest) -> events_pb2.ResolvedSampling:
+        try:
+            parse_model_ref(request.model)
+            if isinstance(request.prompt, str):
+                validate_prompt(request.prompt, self.settings)
+            else:
+                self._validate_messages(request.prompt)
+            return request.sampling.resolve(self.settings)
+        except InvalidRequest as err:
+            raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+
+    def _validate_messages(self, messages: Sequence[ChatMessage]) -> None:
+        if not messages:
+            raise InvalidRequest("messages must hold at least one message")
+        chars = sum(len(message.text()) for message in messages)
+        if chars > self.settings.max_prompt_chars:
+            raise InvalidRequest(f"messages hold {chars} characters; the limit is {self.settings.max_prompt_chars}")
+
+    async def _plan(self, request: GenerationRequest, request_id: str) -> TrafficPlan:
+        if "@" in request.model:  # a pinned version: no canary, no shadow
+            if pinned := await self.registry.resolve(request.model):
+                return TrafficPlan(pinned)
+            raise GenerationError(grpc.StatusCode.NOT_FOUND, await self._unknown_model_message(request.model))
+        routing = await self.registry.routing(request.model)
+        if not routing.primary:
+            raise GenerationError(grpc.StatusCode.NOT_FOUND, await self._unknown_model_message(request.model))
+        sticky = ""
+        if routing.candidate_mode == "canary":  # only a canary needs the sticky key
+            sticky = request.client_key or hashlib.sha256(_prompt_text(request.prompt).encode()).hexdigest()
+        return plan(request.model, routing, sticky, request_id)
+
+    async def _encode(self, route: Route, prompt: Prompt) -> list[int]:
+        try:
+            return _encode(await self.catalog.get(route.model, route.version), prompt, self.settings.max_prompt_chars)
+        except InvalidPrompt as err:
+            raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+        except UnknownVersion as err:
+            raise GenerationError(grpc.StatusCode.NOT_FOUND, str(err)) from None
+
+    async def _admit(self, request: GenerationRequest, outcome: Outcome, held: int) -> None:
+        """A live replica to serve it, room at this gateway, and the key's quota: else refused,
+        counted, before any work is done."""
+        if down := await self.fleet.why_down(outcome.route):
+            self._refuse(outcome, grpc.StatusCode.UNAVAILABLE, down)
+        if len(self.pending) >= self.settings.max_waiting:  # before the quota: a refused request costs the key nothing
+            limit = f"the gateway is at its limit of {self.settings.max_waiting} requests; retry later"
+            self._refuse(outcome, grpc.StatusCode.RESOURCE_EXHAUSTED, limit, retry_after_s=1.0)
+        if key := request.caller:
+            outcome.key, outcome.api_key_id = key, key.id
+            try:
+                await self.quotas.admit(key, held)
+            except QuotaExceeded as err:
+                self._refuse(outcome, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), err.retry_after_s)
+            outcome.held_tokens = held
+        elif request.client_key:  # keys not required: the sticky canary key, not checked
+            outcome.api_key_id = hashlib.sha256(request.client_key.encode()).hexdigest()[:16]
+
+    def _refuse(self, outcome: Outcome, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> NoReturn:
+        outcome.code = code
+        REQUESTS.labels(outcome.route.model, str(outcome.route.version), code.name, str(outcome.stream).lower()).inc()
+        raise GenerationError(code, message, retry_after_s)
+
+    async def _after_cancel(self, outcome: Outcome) -> None:
+        """The client cancelled or went away: tell infer to stop, wait for its count of the tokens it
+        generated, and charge the key exactly those. A unary answer arrives whole only at its end, so
+        its count is unknown: it is charged what was held (as is any request infer does not settle)."""
+        elapsed = time.perf_counter() - outcome.started
+        final: events_pb2.TextChunk | None = None
+        try:
+            cancel_task = events_pb2.CancelTask(request_id=outcome.request_id, reason="the client cancelled")
+            await self.outbox.send(cancel_task, topics.INFER_CANCELS, outcome.request_id, request_id=outcome.request_id)
+            deadline = asyncio.get_running_loop().time() + CANCEL_SETTLE_S
+            async for chunk in self.pending.chunks(outcome.request_id, deadline):
+                final = chunk
+        except (ReplyTimeout, KafkaError):
+            log.warning("a cancelled request was not settled by infer", extra={"request_id": outcome.request_id})
+        finally:
+            self.pending.close(outcome.request_id)
+            WAITING.dec()
+        exact = final is not None and final.HasField("usage") and not final.HasField("error")
+        if exact and (outcome.stream or final.finish_reason != common_pb2.FINISH_REASON_CANCELLED):  # type: ignore[union-attr]
+            outcome.usage = final.usage  # type: ignore[union-attr]
+        else:
+            completion = max(0, outcome.held_tokens - outcome.prompt_tokens)
+            outcome.usage = common_pb2.Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=completion)
+        await self._record(outcome, elapsed)
+
+    async def _publish(self, task: events_pb2.InferTask, traceparent: str, reply_to: str, *, wait: bool = True) -> None:
+        self.polling.touch()  # the reply will come back on the request path
+        await self.outbox.task(task, reply_to, traceparent, wait=wait)
+
+    async def _mirror(self, task: events_pb2.InferTask, version: int, prompt: Prompt, traceparent: str) -> None:
+        """Fire-and-forget copy for a shadow candidate, encoded with the candidate's own tokenizer
+        (and chat template); its whole answer goes to the shadow topic."""
+        shadow = events_pb2.InferTask()
+        shadow.CopyFrom(task)
+        shadow.request_id, shadow.version, shadow.stream = task.request_id + topics.SHADOW_SUFFIX, version, False
+        try:
+            tokenizer = await self.catalog.get(task.model, version)
+            shadow.prompt_ids[:] = _encode(tokenizer, prompt, self.settings.max_prompt_chars)
+            await self._publish(shadow, traceparent, topics.SHADOW_RESULTS, wait=False)
+        except Exception:  # mirroring must never fail the client's request
+            log.warning("could not mirror a request to the shadow candidate", exc_info=True)
+
+    async def _unknown_model_message(self, alias: str) -> str:
+        known = ", ".join(await self.registry.models()) or "none yet"
+        return bounded(f"model {shown(alias)} is not served (known models: {known}; pin a version with name@N)")
+
+    async def _record(self, outcome: Outcome, elapsed: float) -> None:
+        if outcome.key is not None:
+            usage = outcome.usage
+            try:
+                await self.quotas.settle(outcome.key, outcome.held_tokens, usage.prompt_tokens, usage.completion_tokens)
+            except Exception:  # the answer is out; a lost settlement only makes the key's budget stricter
+                log.warning("could not settle the key's token budget", exc_info=True)
+        route, stream = outcome.route, str(outcome.stream).lower()
+        REQUESTS.labels(route.model, str(route.version), outcome.code.name, stream).inc()
+        LATENCY.labels(stream).observe(elapsed)
+        record = events_pb2.GenerationRecord(
+            request_id=outcome.request_id,
+            model=route.model,
+            version=route.version,
+            status_code=outcome.code.value[0],
+            latency_ms=elapsed * 1000,
+            first_token_ms=outcome.first_chunk_ms,
+            usage=outcome.usage,
+            stream=outcome.stream,
+            finished_at=time.time(),
+            text="".join(outcome.texts),
+            shadowed=outcome.shadowed,
+            api_key_id=outcome.api_key_id,
+            scenario=outcome.scenario,
+            generation_ms=outcome.generation_ms,
+        )
+        try:
+            await self.outbox.send(
+                record, topics.GENERATE_RESULTS, outcome.request_id, request_id=outcome.request_id, no_confirm=True
+            )
+        except Exception:  # a lost record must not fail the client's request
+            log.warning("could not publish the generation record", exc_info=True)
+
+
+def _encode(tokenizer: VersionTokenizer, prompt: Prompt, max_chars: int) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode_prompt(prompt)
+    return tokenizer.encode_chat(prompt, max_chars)
+
+
+def _prompt_text(prompt: Prompt) -> str:
+    """The prompt as one text (a canary's sticky key when the client presents no key)."""
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps([[message.role, message.text()] for message in prompt])

@@ -1,6 +1,7 @@
-"""Mesh overhead: the same greedy requests straight to tritonserver (tritonclient gRPC, the baseline)
-and through the gateway, at several concurrencies and lengths; and the bare broker round trip, so
-that the mesh's own cost per Kafka hop can be told apart from the broker's."""
+"""Mesh overhead: the same greedy requests straight to tritonserver (tritonclient gRPC, the baseline),
+through the gateway's gRPC API and through its OpenAI-compatible HTTP API (/v1/completions, a
+keep-alive HTTP/1.1 client), at several concurrencies and lengths; and the bare broker round trip,
+so that the mesh's own cost per Kafka hop can be told apart from the broker's."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx2
 
 from bench.broker_rtt import round_trips
 from bench.common import PROMPT, pyplot, save, summary
@@ -45,7 +47,7 @@ async def closed_loop(call: Callable[[int], Awaitable[None]], concurrency: int, 
 
 
 class Paths:
-    """The two ways to the same model version, sharing sampling settings."""
+    """The three ways to the same model version, sharing sampling settings."""
 
     def __init__(self, layout: StackLayout, prompt: Prompt, max_tokens: int) -> None:
         self.triton = TritonGenerator(layout.address("triton_grpc"))
@@ -55,6 +57,15 @@ class Paths:
         self.sampling = events_pb2.ResolvedSampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
         params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
         self.request = gateway_pb2.GenerateRequest(model=f"{MODEL}@{VERSION}", prompt=prompt.text, sampling=params)
+        limits = httpx2.Limits(max_connections=256, max_keepalive_connections=256)
+        self.http_client = httpx2.AsyncClient(base_url=layout.http_url(), timeout=120, limits=limits)
+        self.http_body = {
+            "model": f"{MODEL}@{VERSION}",
+            "prompt": prompt.text,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "seed": 1,
+        }
 
     async def direct(self, n: int) -> None:
         async for _ in self.triton.generate(
@@ -65,9 +76,16 @@ class Paths:
     async def mesh(self, n: int) -> None:
         await self.gateway.Generate(self.request, timeout=120)
 
+    async def http(self, n: int) -> None:
+        (await self.http_client.post("/completions", json=self.http_body)).raise_for_status()
+
+    def by_name(self) -> dict[str, Callable[[int], Awaitable[None]]]:
+        return {"direct": self.direct, "gateway": self.mesh, "http": self.http}
+
     async def close(self) -> None:
         await self.triton.close()
         await self.channel.close()
+        await self.http_client.aclose()
 
 
 @dataclass(frozen=True)
@@ -107,25 +125,29 @@ async def _answer_lengths(layout: StackLayout, candidates: list[Prompt], max_tok
 
 
 async def _cell(paths: Paths, concurrency: int, seconds: float) -> dict[str, Any]:
-    direct: list[float] = []
-    mesh: list[float] = []
-    direct_s = mesh_s = 0.0
-    # Interleaved halves, so that machine noise hits both paths; one round when a round already takes
+    latencies: dict[str, list[float]] = {name: [] for name in paths.by_name()}
+    durations = dict.fromkeys(latencies, 0.0)
+    # Interleaved rounds, so that machine noise hits every path; one round when a round already takes
     # long (every worker finishes its last request, and 64 requests of 128 tokens take tens of seconds).
     rounds = 1 if concurrency * paths.sampling.max_tokens >= 2048 else 2
     for _ in range(rounds):
-        lat, dur = await closed_loop(paths.direct, concurrency, seconds / rounds)
-        direct, direct_s = direct + lat, direct_s + dur
-        lat, dur = await closed_loop(paths.mesh, concurrency, seconds / rounds)
-        mesh, mesh_s = mesh + lat, mesh_s + dur
-    d, g = summary(direct, direct_s), summary(mesh, mesh_s)
+        for name, call in paths.by_name().items():
+            lat, dur = await closed_loop(call, concurrency, seconds / rounds)
+            latencies[name] += lat
+            durations[name] += dur
+    d, g, h = (summary(latencies[name], durations[name]) for name in ("direct", "gateway", "http"))
     return {
         "concurrency": concurrency,
         "direct": d,
         "gateway": g,
+        "http": h,
         "p50_overhead_ms": round(g["p50_ms"] - d["p50_ms"], 2),
         "p99_overhead_ms": round(g["p99_ms"] - d["p99_ms"], 2),
         "throughput_ratio": round(g["per_s"] / d["per_s"], 3),
+        "http_p50_overhead_ms": round(h["p50_ms"] - d["p50_ms"], 2),
+        "http_p99_overhead_ms": round(h["p99_ms"] - d["p99_ms"], 2),
+        "http_minus_grpc_p50_ms": round(h["p50_ms"] - g["p50_ms"], 2),
+        "http_throughput_ratio": round(h["per_s"] / d["per_s"], 3),
     }
 
 
@@ -134,9 +156,9 @@ async def _grid(layout: StackLayout, tokens: list[int], concurrency: list[int], 
     for max_tokens in tokens:
         paths = Paths(layout, await bench_prompt(layout, max_tokens), max_tokens)
         try:
-            for _ in range(3):  # warm both paths
-                await paths.direct(0)
-                await paths.mesh(0)
+            for _ in range(3):  # warm every path
+                for call in paths.by_name().values():
+                    await call(0)
             for c in concurrency:
                 cells.append({"max_tokens": max_tokens} | await _cell(paths, c, seconds))
         finally:
@@ -168,12 +190,12 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
     for ax, size in zip(axes[0], sizes, strict=True):
         rows = [c for c in cells if c["max_tokens"] == size]
         xs = [c["concurrency"] for c in rows]
-        for path_name, style in (("direct", "--"), ("gateway", "-")):
+        for path_name, style in (("direct", "--"), ("gateway", "-"), ("http", ":")):
             for q in ("p50_ms", "p99_ms"):
                 ax.plot(xs, [c[path_name][q] for c in rows], style, marker="o", label=f"{path_name} {q[:3]}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.set_ylabel("latency (ms)")
-        ax.set_title(f"{size} new tokens: direct Triton vs gateway")
+        ax.set_title(f"{size} new tokens: direct Triton vs gateway gRPC and HTTP")
         ax.legend()
     save(fig, path, dpi=110)

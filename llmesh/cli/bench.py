@@ -52,6 +52,12 @@ def table(summary: dict[str, Any]) -> Table:
                 f"{cell['throughput_ratio']:.2f}",
                 "≥ 0.85 at c=16" if cell["concurrency"] == 16 else "",
             )
+            out.add_row(
+                f"HTTP - direct p50 / p99; HTTP - gRPC p50 ({tag})",
+                f"{cell['http_p50_overhead_ms']:+.1f} / {cell['http_p99_overhead_ms']:+.1f}; {cell['http_minus_grpc_p50_ms']:+.1f} ms",
+                "",
+            )
+            out.add_row(f"throughput HTTP / direct ({tag})", f"{cell['http_throughput_ratio']:.2f}", "")
         rtt = overhead["broker_round_trip"]
         out.add_row("bare broker round trip p50 / p99", f"{rtt['p50_ms']:.2f} / {rtt['p99_ms']:.2f} ms", "")
         out.add_row(

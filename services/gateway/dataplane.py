@@ -30,7 +30,15 @@ from llmesh.common.polling import AdaptivePolling
 from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import InFlight
 from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion, VersionTokenizer
-from llmesh.common.validation import InvalidRequest, SamplingValues, bounded, parse_model_ref, shown, validate_prompt
+from llmesh.common.validation import (
+    InvalidRequest,
+    SamplingValues,
+    bounded,
+    parse_model_ref,
+    shown,
+    validate_prompt,
+    validate_text,
+)
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2
 from services.gateway.auth import QuotaExceeded, Quotas
 from services.gateway.fleetgate import FleetGate
@@ -227,6 +235,8 @@ class DataPlane:
     def _validate_messages(self, messages: Sequence[ChatMessage]) -> None:
         if not messages:
             raise InvalidRequest("messages must hold at least one message")
+        for n, message in enumerate(messages):
+            validate_text(message.text(), self.settings, f"messages[{n}].content")
         chars = sum(len(message.text()) for message in messages)
         if chars > self.settings.max_prompt_chars:
             raise InvalidRequest(f"messages hold {chars} characters; the limit is {self.settings.max_prompt_chars}")
@@ -241,7 +251,7 @@ class DataPlane:
             raise GenerationError(grpc.StatusCode.NOT_FOUND, await self._unknown_model_message(request.model))
         sticky = ""
         if routing.candidate_mode == "canary":  # only a canary needs the sticky key
-            sticky = request.client_key or hashlib.sha256(_prompt_text(request.prompt).encode()).hexdigest()
+            sticky = request.client_key or _digest(_prompt_text(request.prompt))
         return plan(request.model, routing, sticky, request_id)
 
     async def _encode(self, route: Route, prompt: Prompt) -> list[int]:
@@ -268,7 +278,7 @@ class DataPlane:
                 self._refuse(outcome, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), err.retry_after_s)
             outcome.held_tokens = held
         elif request.client_key:  # keys not required: the sticky canary key, not checked
-            outcome.api_key_id = hashlib.sha256(request.client_key.encode()).hexdigest()[:16]
+            outcome.api_key_id = _digest(request.client_key)[:16]
 
     def _refuse(self, outcome: Outcome, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> NoReturn:
         outcome.code = code
@@ -359,6 +369,10 @@ def _encode(tokenizer: VersionTokenizer, prompt: Prompt, max_chars: int) -> list
     if isinstance(prompt, str):
         return tokenizer.encode_prompt(prompt)
     return tokenizer.encode_chat(prompt, max_chars)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()  # a client's text may hold a lone surrogate
 
 
 def _prompt_text(prompt: Prompt) -> str:

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 
 import grpc
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import Counter
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmesh.common.apikeys import ApiKey
@@ -109,23 +110,23 @@ class HttpApi:
 
     def _routes(self) -> FastAPI:
         app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None)
+        key = Depends(self._authorize)  # solved before the body is checked: without a key, 401 (not 400)
 
         @app.post("/v1/chat/completions")
-        async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-            return await self._generate(Api.CHAT, body, body.messages, body.max_completion_tokens or body.max_tokens, request)
+        async def chat_completions(body: ChatCompletionRequest, request: Request, caller: ApiKey | None = key) -> Response:
+            max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+            return await self._generate(Api.CHAT, body, body.messages, max_tokens, caller, request)
 
         @app.post("/v1/completions")
-        async def completions(body: CompletionRequest, request: Request) -> Response:
-            return await self._generate(Api.COMPLETIONS, body, body.text(), body.max_tokens, request)
+        async def completions(body: CompletionRequest, request: Request, caller: ApiKey | None = key) -> Response:
+            return await self._generate(Api.COMPLETIONS, body, body.text(), body.max_tokens, caller, request)
 
         @app.get("/v1/models")
-        async def list_models(request: Request) -> Response:
-            await self._authorize(request)
+        async def list_models(caller: ApiKey | None = key) -> Response:
             return JSONResponse({"object": "list", "data": model_entries(await self.plane.models())})
 
         @app.get("/v1/models/{model_id}")
-        async def get_model(model_id: str, request: Request) -> Response:
-            await self._authorize(request)
+        async def get_model(model_id: str, caller: ApiKey | None = key) -> Response:
             entries = model_entries([await self.plane.model(model_id.partition("@")[0])])
             if entry := next((entry for entry in entries if entry["id"] == model_id), None):
                 return JSONResponse(entry)
@@ -143,6 +144,7 @@ class HttpApi:
         app.add_exception_handler(GenerationError, _generation_error)  # type: ignore[arg-type]
         app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
         app.add_exception_handler(RequestValidationError, _invalid_body)  # type: ignore[arg-type]
+        app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
         app.add_exception_handler(Exception, _unexpected)
         return app
 
@@ -152,9 +154,8 @@ class HttpApi:
         return await self.keys.authorize(secret_of(dict(request.headers)), (KeyScope.GENERATE,))
 
     async def _generate(
-        self, api: Api, body: OpenAIRequest, prompt: Prompt, max_tokens: int | None, request: Request
+        self, api: Api, body: OpenAIRequest, prompt: Prompt, max_tokens: int | None, caller: ApiKey | None, request: Request
     ) -> Response:
-        caller = await self._authorize(request)
         if why := body.unsupported():
             raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, why)
         chunks = self.plane.generate(
@@ -208,6 +209,17 @@ async def _events(
             final = chunk
     except GenerationError as err:  # the status line is sent: the error travels as an event
         yield _event(error_body(err.code, err.message)[1])
+        return
+    except Exception as err:  # a broker or Redis outage, a bug: an event too, never a silent end
+        code, message = (
+            (grpc.StatusCode.UNAVAILABLE, describe(err)[1])
+            if isinstance(err, OUTAGE_ERRORS)
+            else (
+                grpc.StatusCode.INTERNAL,
+                internal_error("/v1 stream", err),
+            )
+        )
+        yield _event(error_body(code, message)[1])
         return
     if with_usage:
         yield _event(api.usage_chunk(head, final))
@@ -288,32 +300,29 @@ class BodyLimit:
             await _too_large(self.limit, send)
             RESPONSES.labels(_route_label(route), "413").inc()
             return
-        received = 0
+        body, more = bytearray(), True
+        while more:  # read whole first: FastAPI turns an error raised in its receive into a bare 400
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:  # a chunked body, without a content-length
+                await _too_large(self.limit, send)
+                RESPONSES.labels(_route_label(route), "413").inc()
+                return
+        replay: list[Message] = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLarge
-            return message
+            return replay.pop() if replay else await receive()
 
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, limited, counted)
-        except BodyTooLarge:
-            if not status[0]:
-                await _too_large(self.limit, send)
-                status[0] = 413
+        await self.app(scope, limited, counted)
         RESPONSES.labels(_route_label(route), str(status[0])).inc()
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 async def _too_large(limit: int, send: Send) -> None:
@@ -368,6 +377,15 @@ async def _invalid_body(request: Request, err: RequestValidationError) -> JSONRe
     if len(problems) > 1:
         message += f"; and {len(problems) - 1} more problem(s)"
     return _error(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths and methods, in OpenAI's error shape too."""
+    code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(
+        err.status_code, grpc.StatusCode.INVALID_ARGUMENT
+    )
+    _, body = error_body(code, f"{request.method} {shown(request.url.path)}: {err.detail}")
+    return JSONResponse(body, status_code=err.status_code)
 
 
 async def _unexpected(request: Request, err: Exception) -> JSONResponse:

@@ -10,7 +10,7 @@ from llmesh.common.registry import Route, Routing
 
 def bucket(key: str) -> int:
     """A stable bucket in [0, 100) for `key`: the same key always lands in the same bucket."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 100
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") % 100
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ BROKER_IMAGE = "llmesh-test/broker:tansu-0.6.0"
 REDIS_IMAGE = "llmesh-test/redis:7"
 # start order: gateway last; two infer replicas, each with its own tritonserver
 GRPC_PORTS = {"eval": 50054, "tokenize": 50052, "infer": 50053, "infer-2": 50053, "gateway": 50051}
+HTTP_PORT = 8080  # the gateway's
 RELEASE_KEY = "container-release-key"
 MESH_KEY = "container-test-mesh-key"
 
@@ -107,6 +108,8 @@ def _service(name: str, network: Network, models_dir: Path, store: Path) -> Dock
         .with_env("LLMESH_ARTIFACT_ROOTS", f'["{models_dir}"]')
         .with_volume_mapping(str(models_dir), str(models_dir), "ro")  # release paths mean the same inside
     )
+    if service == "gateway":
+        container.with_exposed_ports(HTTP_PORT)  # the OpenAI-compatible HTTP API
     if service == "infer":
         container.with_kwargs(shm_size="1g")  # Triton's python backend talks to its stubs through /dev/shm
         container.with_volume_mapping(str(store), "/model-store", "rw")  # shared by the replicas, as a RWX volume

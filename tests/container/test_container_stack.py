@@ -7,12 +7,13 @@ import threading
 import time
 
 import grpc
+import openai
 import pytest
 
 from llmesh.common.events import ReleaseMode
 from llmesh.loadgen import GatewayLoad, wait_for_primary
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, infer_pb2, infer_pb2_grpc
-from tests.container.conftest import GRPC_PORTS, ContainerMesh
+from tests.container.conftest import GRPC_PORTS, HTTP_PORT, ContainerMesh
 
 pytestmark = [pytest.mark.slow, pytest.mark.container, pytest.mark.timeout(1200)]  # the first builds every image
 MODEL = "chat"
@@ -30,6 +31,11 @@ def test_generate_unary_and_streaming(container_mesh: ContainerMesh, gateway: ga
     chunks = list(gateway.GenerateStream(_request("Return the number of", 7), timeout=30))
     assert "".join(chunk.text for chunk in chunks) == reply.text, "same seed, same model: same answer streamed"
     assert {chunk.version for chunk in chunks} == {1}
+    http_url = f"http://127.0.0.1:{container_mesh.containers['gateway'].get_exposed_port(HTTP_PORT)}/v1"
+    with openai.OpenAI(base_url=http_url, api_key="none", max_retries=0) as sdk:  # the image's HTTP API, same answer
+        completion = sdk.completions.create(model=MODEL, prompt="Return the number of", max_tokens=16, seed=7)
+        assert completion.choices[0].text == reply.text and completion.system_fingerprint == f"{MODEL}@1"
+        assert f"{MODEL}@1" in {model.id for model in sdk.models.list()}
 
 
 def test_hot_swap_under_load_fails_no_request(container_mesh: ContainerMesh, gateway: gateway_pb2_grpc.GatewayStub) -> None:

@@ -20,6 +20,7 @@ def test_llmesh_bench_all_quick(models_dir: Path, tmp_path: Path):
     assert summary["machine"]["cpus"] >= 1
     cell = summary["overhead"]["cells"][0]
     assert cell["direct"]["n"] > 0 and cell["gateway"]["n"] > 0 and cell["throughput_ratio"] > 0
+    assert cell["http"]["n"] > 0 and cell["http_throughput_ratio"] > 0
     assert summary["overhead"]["broker_round_trip"]["n"] == 50
     assert summary["stream"]["gateway"]["ttft"]["n"] == 5
     assert summary["resources"]["idle_rss_mb"]["gateway"] > 0

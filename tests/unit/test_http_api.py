@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -804,3 +805,19 @@ async def test_until_disconnect_lets_an_outer_cancel_through() -> None:
     with pytest.raises(asyncio.CancelledError):
         await racing
     assert work.cancelled
+
+
+async def test_the_listening_socket_sends_small_writes_at_once() -> None:
+    """Accepted connections inherit TCP_NODELAY: without it, the body written after the headers
+    waited for the client's delayed ACK (40 ms a response, measured)."""
+    api = HttpApi(cast(DataPlane, FakePlane()), GatewaySettings(http_port=0), None)
+    await api.start()
+    try:
+        assert api.server is not None
+        (listening,) = [sock for server in api.server.servers for sock in server.sockets]
+        assert listening.proto == socket.IPPROTO_TCP
+        assert listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{api.port}") as client:
+            assert (await client.get("/readyz")).status_code == 200
+    finally:
+        await api.stop(1)

@@ -25,6 +25,8 @@ demo: setup
 	$(BIN)/llmesh up
 	$(BIN)/llmesh generate "Return the number of items" --max-tokens 48 --seed 7
 	$(BIN)/llmesh generate "This module provides" --max-tokens 48 --seed 7 --stream
+	@command -v curl >/dev/null && curl -s http://127.0.0.1:8080/v1/chat/completions -H 'content-type: application/json' \
+	  -d '{"model": "chat", "messages": [{"role": "user", "content": "Return the number of"}], "max_tokens": 24, "seed": 7}' && echo || true
 	$(BIN)/llmesh models
 	$(BIN)/llmesh status
 

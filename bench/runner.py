@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import hotswap, overhead, resources, scale, shadow_cost, soak, stream
+from bench import batching, hotswap, overhead, resources, scale, shadow_cost, soak, stream
 from bench.common import machine
 from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
@@ -22,11 +22,12 @@ BENCHMARKS: dict[str, Callable[[StackLayout, Path, bool], dict[str, Any]]] = {
     "swap": hotswap.run,
     "shadow": shadow_cost.run,
     "scale": scale.run,
+    "batching": batching.run,
     "soak": soak.run,  # minutes long: by name only, not in `all`
 }
 # These start on a fresh stack: the embedded broker keeps every message in memory and slows as it
 # accumulates them, which would charge them for the load of the benchmarks before.
-FRESH = {"overhead", "shadow", "scale", "soak"}
+FRESH = {"overhead", "shadow", "scale", "soak", "batching"}
 POLICY = shadow_cost.HOLD_POLICY + f"  {soak.MODEL}: {{on_pass: hold, on_fail: hold}}\n"
 
 

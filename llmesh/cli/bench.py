@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-NAMES = ("resources", "stream", "overhead", "swap", "shadow", "scale")  # `all`
+NAMES = ("resources", "stream", "overhead", "swap", "shadow", "scale", "batching")  # `all`
 LONG = ("soak",)  # by name only
 
 
@@ -96,6 +96,18 @@ def table(summary: dict[str, Any]) -> Table:
                     f"x{figures['p50_ratio_100_vs_0']:.2f} / x{figures['p99_ratio_100_vs_0']:.2f}",
                     "noise",
                 )
+    batching = summary.get("batching")
+    if batching:
+        for cell in batching["cells"]:
+            tag = f"{cell['max_tokens']} tok, c={cell['concurrency']}"
+            target = {1: "p50 within 10%", 16: "≥ 3x tokens/s"}.get(cell["concurrency"], "")
+            out.add_row(
+                f"batching / one thread: tokens/s, p50 ({tag})",
+                f"x{cell['tokens_per_s_ratio']:.2f}, x{cell['p50_ratio']:.2f}",
+                target,
+            )
+        ttft = batching["ttft_c16"]
+        out.add_row("batching / one thread: TTFT p50 at c=16", f"x{ttft['p50_ratio']:.2f}", "≤ 1")
     soak = summary.get("soak")
     if soak:
         out.add_row(

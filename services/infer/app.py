@@ -63,7 +63,12 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             settings.model_repository.resolve(),
             kind=kind,
             instances=settings.instances,
-            parameters={"torch_threads": str(settings.torch_threads), "background_niceness": str(settings.mirror_niceness)},
+            parameters={
+                "torch_threads": str(settings.torch_threads),
+                "background_niceness": str(settings.mirror_niceness),
+                "max_batch": str(settings.max_batch),
+                "prefill_tokens": str(settings.prefill_tokens),
+            },
         )
         self.served = ServedVersions()
         self.catalog = TokenizerCatalog(self.registry)

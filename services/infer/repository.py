@@ -83,7 +83,8 @@ def verify_artifacts(source: Path, sha256: dict[str, str], roots: Sequence[Path]
 
 class ModelRepository:
     def __init__(self, root: Path, *, kind: str, instances: int, parameters: dict[str, str]) -> None:
-        """`parameters` reach model.py through config.pbtxt (torch_threads, background_niceness)."""
+        """`parameters` reach model.py through config.pbtxt (torch_threads, background_niceness, max_batch,
+        prefill_tokens)."""
         self.root = root
         self.kind = kind
         self.instances = instances

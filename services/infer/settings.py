@@ -25,6 +25,18 @@ class InferSettings(ServiceSettings):
         ge=0,
         description="CPU threads per model instance; 1 avoids OpenMP oversubscription when versions share cores (0: torch decides)",
     )
+    max_batch: int = Field(
+        default=32,
+        ge=0,
+        description="sequences a model instance steps together in one forward pass (continuous batching); beyond, "
+        "requests queue in the model; 0: one thread per request, each its own batch of one",
+    )
+    prefill_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="prompt tokens a model instance prefills between two decode steps: a longer prompt is prefilled in "
+        "pieces, so that it does not stall the streams running",
+    )
     artifact_roots: list[Path] = Field(
         default_factory=list, description="the model store: release artifacts must lie inside one of these (empty: anywhere)"
     )

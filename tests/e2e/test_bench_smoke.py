@@ -28,6 +28,9 @@ def test_llmesh_bench_all_quick(models_dir: Path, tmp_path: Path):
         assert swap["failed_requests"] == 0 and swap["mixed_version_responses"] == 0
     assert summary["shadow"]["clients_1"]["failed_requests"] == 0
     assert summary["scale"]["one_replica"]["n"] > 0 and summary["scale"]["two_replicas"]["n"] > 0
-    for plot in ("overhead", "stream", "resources", "hotswap", "shadow_cost_1", "scale"):
+    batching = summary["batching"]["cells"]
+    assert all(c["batching"]["n"] > 0 and c["one_thread"]["n"] > 0 and c["tokens_per_s_ratio"] > 0 for c in batching)
+    assert summary["batching"]["device"] and summary["batching"]["ttft_c16"]["batching"]["n"] > 0
+    for plot in ("overhead", "stream", "resources", "hotswap", "shadow_cost_1", "scale", "batching"):
         assert (out / f"{plot}.png").stat().st_size > 5_000
     assert "idle CPU, whole stack" in done.stdout

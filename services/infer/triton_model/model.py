@@ -13,11 +13,16 @@ Outputs: streaming, one response per generated token with TOKEN_IDS int32[1], th
          round trip, several times the compute of one token of a small model).
 Tally:   each stub counts the tokens it generated and the requests it stopped on a cancel in a
          file of its own (see Tally), so that a cancel that did not stop the generation shows.
+Batching (parameter max_batch > 0, the default 32): one scheduler thread steps every running
+         sequence in one forward pass (continuous batching, see Scheduler); max_batch 0: one thread
+         per request, each its own batch of one (the model before batching, kept to compare).
 """
 
+import contextlib
 import json
 import mmap
 import os
+import queue
 import struct
 import threading
 import time
@@ -153,9 +158,18 @@ class TritonPythonModel:
         shared = os.path.dirname(args["model_repository"])
         self.foreground = Foreground(os.path.join(shared, ".foreground"))
         self.tally = Tally(os.path.join(shared, ".tally"))
+        max_batch = int(params.get("max_batch", "32") or 0)
+        self.scheduler = None
+        if max_batch > 0:
+            prefill_tokens = int(params.get("prefill_tokens", "256") or 256)
+            self.scheduler = Scheduler(self, max_batch, prefill_tokens)
+            self.scheduler.start()
 
     def execute(self, requests):
         for request in requests:
+            if self.scheduler is not None:
+                self.scheduler.submit(request)
+                continue
             thread = threading.Thread(target=self._serve, args=(request,), daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -249,5 +263,260 @@ class TritonPythonModel:
         return any(stop in tail for stop in stops)
 
     def finalize(self):
+        if self.scheduler is not None:
+            self.scheduler.stop()
         for thread in self.threads:
             thread.join(timeout=10)
+
+
+class Sequence:
+    """One request in the scheduler: its sampling, its own generator, what it generated."""
+
+    def __init__(self, request, model):
+        self.request = request
+        self.sender = request.get_response_sender()
+        self.stream = bool(_scalar(request, "STREAM", True))
+        self.background = bool(_scalar(request, "BACKGROUND", False))
+        ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy().reshape(-1).astype(np.int64)
+        if ids.size == 0:
+            raise ValueError("INPUT_IDS is empty")
+        self.prompt = ids.tolist()
+        self.budget = min(int(_scalar(request, "MAX_TOKENS", 16)), model.context - ids.size)
+        self.temperature = float(_scalar(request, "TEMPERATURE", 1.0))
+        self.top_p = float(_scalar(request, "TOP_P", 1.0))
+        seed = int(_scalar(request, "SEED", 0)) % (2**63)
+        self.generator = torch.Generator(device=model.device).manual_seed(seed)
+        self.stops = [s for s in _stop_strings(request) if s]
+        self.generated = []
+        self.prefilled = 0  # prompt tokens in its cache so far (a long prompt is prefilled in pieces)
+        self.cache = None  # its own cache while prefilling; then its row of the batch's
+        self.length = 0  # tokens in the cache
+        self.cancel_check = Every(CANCEL_CHECK_S)
+
+
+class Batch:
+    """Running sequences and one KV cache for them all, left-padded to a common length; `mask`
+    marks the real positions. Rows join (padded to the batch's length, or the batch to theirs) and
+    leave (dropped; columns that are padding in every row are cut) between steps."""
+
+    def __init__(self):
+        self.seqs, self.cache, self.mask = [], None, None
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def add(self, seq):
+        own, n = seq.cache, seq.length
+        seq.cache = None
+        row_mask = torch.ones(1, n, dtype=torch.long, device=own.layers[0].keys.device)
+        if self.cache is None:
+            self.seqs, self.cache, self.mask = [seq], own, row_mask
+            return
+        width = self.mask.shape[1]
+        pad_row, pad_batch = max(0, width - n), max(0, n - width)
+        for mine, theirs in zip(self.cache.layers, own.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, pad_batch), _pad_left(theirs.keys, pad_row)])
+            mine.values = torch.cat([_pad_left(mine.values, pad_batch), _pad_left(theirs.values, pad_row)])
+        mask = torch.nn.functional.pad(self.mask, (pad_batch, 0))
+        self.mask = torch.cat([mask, torch.nn.functional.pad(row_mask, (pad_row, 0))])
+        self.seqs.append(seq)
+
+    def keep(self, kept):
+        """Keep the rows of `kept` (sequences of this batch, in order)."""
+        if not kept:
+            self.seqs, self.cache, self.mask = [], None, None
+            return
+        if len(kept) == len(self.seqs):
+            return
+        rows = torch.tensor([self.seqs.index(seq) for seq in kept], device=self.mask.device)
+        self.mask = self.mask.index_select(0, rows)
+        cut = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns padding in every row
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, rows)[:, :, cut:]
+            layer.values = layer.values.index_select(0, rows)[:, :, cut:]
+        self.mask = self.mask[:, cut:]
+        self.seqs = list(kept)
+
+    def step(self, model):
+        """One forward pass of every row's last token; the logits of each row's next token."""
+        device = self.mask.device
+        tokens = torch.tensor([[seq.generated[-1]] for seq in self.seqs], device=device)
+        positions = torch.tensor([[seq.length] for seq in self.seqs], device=device)
+        self.mask = torch.cat([self.mask, torch.ones(len(self.seqs), 1, dtype=torch.long, device=device)], 1)
+        out = model(
+            input_ids=tokens, past_key_values=self.cache, attention_mask=self.mask, position_ids=positions, use_cache=True
+        )
+        self.cache = out.past_key_values
+        for seq in self.seqs:
+            seq.length += 1
+        return out.logits[:, -1, :].float()
+
+
+def _pad_left(tensor, columns):
+    return tensor if columns == 0 else torch.nn.functional.pad(tensor, (0, 0, columns, 0))
+
+
+class Scheduler(threading.Thread):
+    """Continuous batching: one thread owns the model and steps every running sequence together.
+
+    Each turn: newcomers are prefilled, alone, up to `prefill_tokens` prompt tokens a turn (a long
+    prompt over several turns, so that it does not stall the streams running), and each one that is
+    through joins the batch with its first token; then one decode step for the whole batch. A
+    sequence leaves as soon as it ends (length, eos, stop, cancel); beyond `max_batch` running,
+    newcomers wait in the queue. Mirrored (background) requests run in a batch of their own that
+    steps only when no client request runs here or in another stub, or at least every YIELD_MAX_S,
+    so that a shadow costs the clients' requests next to nothing.
+
+    Greedy decoding gives the same tokens in a batch as alone (prefill is alone; a batched step
+    differs from a lone one only in float rounding, which the tests check does not change the argmax
+    of the demo model); a sampled sequence draws from its own seeded generator."""
+
+    def __init__(self, model, max_batch, prefill_tokens):
+        super().__init__(daemon=True, name="llmesh-scheduler")
+        self.model, self.max_batch, self.prefill_tokens = model, max_batch, prefill_tokens
+        self.inbox = queue.Queue()
+        self.waiting = []  # accepted, not yet through prefill
+        self.foreground, self.background = Batch(), Batch()
+        self.background_due = Every(YIELD_MAX_S)
+        self.stopping = False
+
+    def submit(self, request):
+        self.inbox.put(request)
+
+    def stop(self):
+        self.stopping = True
+        self.inbox.put(None)
+        self.join(timeout=10)
+
+    def run(self):
+        while not self.stopping:
+            running = self.waiting or len(self.foreground) or len(self.background)
+            self._accept(0 if running else 1.0)  # with nothing to run, wait for requests
+            try:
+                with torch.inference_mode():
+                    worked = self._turn()
+            except Exception as err:  # report to every client of this turn instead of killing the stub
+                for seq in [*self.waiting, *self.foreground.seqs, *self.background.seqs]:
+                    self._fail(seq, err)
+                self.waiting, self.foreground, self.background = [], Batch(), Batch()
+                continue
+            if not worked:  # only a mirror, yielding to the clients of another stub
+                self._accept(YIELD_POLL_S)
+
+    def _accept(self, timeout):
+        """Open the requests submitted meanwhile, waiting up to `timeout` seconds for the first."""
+        try:
+            request = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
+            while True:
+                if request is not None:
+                    self._open(request)
+                request = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _open(self, request):
+        try:
+            seq = Sequence(request, self.model)
+        except Exception as err:
+            pb_utils_error(request.get_response_sender(), err)
+            return
+        if not seq.background:
+            self.model.foreground.enter(1)
+        if seq.budget <= 0:
+            self._finish(seq, "length")
+            return
+        self.waiting.append(seq)
+
+    def _turn(self):
+        """Prefill newcomers, then step the running batches; False when nothing could run."""
+        worked = self._prefill()
+        if len(self.foreground):
+            self._decode(self.foreground)
+            worked = True
+        if len(self.background) and (
+            (not len(self.foreground) and not self.model.foreground.busy()) or self.background_due.due()
+        ):
+            self._decode(self.background)
+            worked = True
+        return worked
+
+    def _prefill(self):
+        budget = self.prefill_tokens
+        running = len(self.foreground) + len(self.background)
+        for seq in [seq for seq in self.waiting if self._cancelled(seq)]:  # queued ones too, not only those let in
+            self.waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        order = sorted(self.waiting, key=lambda seq: seq.background)  # client requests first
+        for seq in order:
+            if budget <= 0 or running >= self.max_batch:
+                break
+            if seq.background and (len(self.foreground) or any(not s.background for s in self.waiting)):
+                continue  # a mirror joins only with spare capacity
+            piece = seq.prompt[seq.prefilled : seq.prefilled + budget]
+            x = torch.tensor([piece], device=self.model.device)
+            out = self.model.model(input_ids=x, past_key_values=seq.cache, use_cache=True)
+            seq.cache, seq.prefilled, seq.length = out.past_key_values, seq.prefilled + len(piece), seq.length + len(piece)
+            budget -= len(piece)
+            if seq.prefilled < len(seq.prompt):
+                continue
+            self.waiting.remove(seq)
+            running += 1
+            if self._emit(seq, self.model._sample(out.logits[0, -1, :].float(), seq.temperature, seq.top_p, seq.generator)):
+                (self.background if seq.background else self.foreground).add(seq)
+        return budget < self.prefill_tokens
+
+    def _decode(self, batch):
+        logits = batch.step(self.model.model)
+        kept = []
+        for row, seq in enumerate(batch.seqs):
+            if self._cancelled(seq):
+                self._finish(seq, "cancelled")
+            elif self._emit(seq, self.model._sample(logits[row], seq.temperature, seq.top_p, seq.generator)):
+                kept.append(seq)
+        batch.keep(kept)
+
+    def _emit(self, seq, token):
+        """Hand `token` to the client; False when the sequence ended (and was answered)."""
+        if token == self.model.eos_id:
+            self._finish(seq, "eos")
+            return False
+        seq.generated.append(token)
+        if seq.stream:
+            try:
+                seq.sender.send(_response([token]))
+            except Exception as err:  # this client's answer failed, not the batch's
+                self._fail(seq, err)
+                return False
+        if seq.stops and self.model._hit_stop(seq.generated, seq.stops):
+            self._finish(seq, "stop")
+            return False
+        if len(seq.generated) >= seq.budget:
+            self._finish(seq, "length")
+            return False
+        return True
+
+    def _cancelled(self, seq):
+        return seq.cancel_check.due() and seq.request.is_cancelled()
+
+    def _finish(self, seq, finish):
+        final = [] if seq.stream else seq.generated
+        with contextlib.suppress(Exception):  # the client is gone (its stream closed): nothing left to answer
+            seq.sender.send(_response(final, finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._done(seq, finish)
+
+    def _fail(self, seq, err):
+        with contextlib.suppress(Exception):
+            pb_utils_error(seq.sender, err)
+        self._done(seq, "")
+
+    def _done(self, seq, finish):
+        self.model.tally.add(len(seq.generated), finish == "cancelled")
+        if not seq.background:
+            self.model.foreground.enter(-1)
+
+
+def pb_utils_error(sender, err):
+    sender.send(
+        pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {err}")),
+        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+    )

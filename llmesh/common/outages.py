@@ -84,6 +84,14 @@ def internal_error(where: str | bytes | None, err: BaseException) -> str:
     return f"internal error (error id {error_id}); the service logged it, retry or report the id"
 
 
+def unexpected(where: str, err: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message for a caller of an exception no handler expected: UNAVAILABLE for an
+    outage (counted), else INTERNAL with an error id; for transports other than gRPC's interceptor."""
+    if isinstance(err, OUTAGE_ERRORS):
+        return grpc.StatusCode.UNAVAILABLE, _answered(err)
+    return grpc.StatusCode.INTERNAL, internal_error(where, err)
+
+
 def _answered(err: Exception) -> str:
     dependency, message = describe(err)
     ANSWERED.labels(dependency).inc()

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llmesh.common.apikeys import ApiKey
 from llmesh.common.apikeys import Scope as KeyScope
 from llmesh.common.keycheck import KeyRing, Refused, secret_of
-from llmesh.common.outages import OUTAGE_ERRORS, describe, internal_error
+from llmesh.common.outages import unexpected
 from llmesh.common.validation import bounded, shown
 from llmesh.v1 import events_pb2
 from services.gateway.dataplane import DataPlane, GenerationError, GenerationRequest, Outcome, Prompt
@@ -215,14 +215,7 @@ async def _events(
         yield _event(error_body(err.code, err.message)[1])
         return
     except Exception as err:  # a broker or Redis outage, a bug: an event too, never a silent end
-        code, message = (
-            (grpc.StatusCode.UNAVAILABLE, describe(err)[1])
-            if isinstance(err, OUTAGE_ERRORS)
-            else (
-                grpc.StatusCode.INTERNAL,
-                internal_error("/v1 stream", err),
-            )
-        )
+        code, message = unexpected("/v1 stream", err)
         yield _event(error_body(code, message)[1])
         return
     if with_usage:
@@ -393,6 +386,4 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 
 
 async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-    if isinstance(err, OUTAGE_ERRORS):
-        return _error(grpc.StatusCode.UNAVAILABLE, describe(err)[1])
-    return _error(grpc.StatusCode.INTERNAL, internal_error(request.url.path, err))
+    return _error(*unexpected(request.url.path, err))

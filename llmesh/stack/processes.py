@@ -64,7 +64,7 @@ def _start(layout: StackLayout, name: str, argv: Sequence[str], env: Mapping[str
             start_new_session=True,  # its own group: stopping it also stops its children (Triton's stubs)
             cwd=workdir,
         )
-    (layout.pids / f"{name}.pid").write_text(str(proc.pid))
+    _write_pid(layout.pids / f"{name}.pid", proc.pid)
     spec = layout.pids / f"{name}.spec.json"
     spec.unlink(missing_ok=True)
     descriptor = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -89,12 +89,24 @@ def restart_crashed(layout: StackLayout, name: str, pid: int) -> int | None:
         return _start(layout, name, *spec)
 
 
-def pid_of(layout: StackLayout, name: str) -> int | None:
-    path = layout.pids / f"{name}.pid"
-    if not path.exists():
+def _write_pid(path: Path, pid: int) -> None:
+    """Readers never see the file empty or half written: it appears whole, by rename."""
+    staging = path.with_name(f"{path.name}.staging")
+    staging.write_text(str(pid))
+    os.replace(staging, path)
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid in a pid file; None when there is none (stopped, or removed right now)."""
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
         return None
-    pid = int(path.read_text())
-    return pid if alive(pid) else None
+
+
+def pid_of(layout: StackLayout, name: str) -> int | None:
+    pid = read_pid(layout.pids / f"{name}.pid")
+    return pid if pid is not None and alive(pid) else None
 
 
 def alive(pid: int) -> bool:

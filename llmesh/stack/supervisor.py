@@ -60,10 +60,9 @@ class Supervisor:
         started = []
         for path in sorted(self.layout.pids.glob("*.pid")):
             name = path.stem
-            try:
-                pid = int(path.read_text())
-            except (OSError, ValueError):
-                continue  # stopped (removed) or being written right now
+            pid = processes.read_pid(path)
+            if pid is None:
+                continue  # stopped (removed) right now
             if name == NAME:
                 continue
             watched = self.watched.get(name)

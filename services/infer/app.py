@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import grpc
 from faststream.kafka import KafkaMessage
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from llmesh.common import kafka, topics
 from llmesh.common.apikeys import ApiKeyStore
@@ -33,6 +33,7 @@ from services.infer.releases import ReleaseApplier
 from services.infer.repository import ModelRepository, ModelStore
 from services.infer.served import ServedVersions
 from services.infer.settings import InferSettings
+from services.infer.stubtally import StubTallyCollector
 from services.infer.triton import GenerationError, TritonGenerator
 from services.infer.tritonserver import TritonSupervisor
 
@@ -70,6 +71,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
                 "prefill_tokens": str(settings.prefill_tokens),
             },
         )
+        REGISTRY.register(StubTallyCollector(self.repository.root / ".tally"))  # written by the model's stubs
         self.served = ServedVersions()
         self.catalog = TokenizerCatalog(self.registry)
         self.shadow_slots = asyncio.Semaphore(settings.shadow_concurrency)

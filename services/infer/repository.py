@@ -47,6 +47,12 @@ def triton_name(model: str, version: int) -> str:
     return f"{model}-v{version}"
 
 
+def parse_triton_name(name: str) -> tuple[str, int] | None:
+    """(model, version) of a Triton model name that `triton_name` made; None for any other name."""
+    model, _, version = name.rpartition("-v")
+    return (model, int(version)) if model and version.isdigit() else None
+
+
 def verify_release(event: ReleaseEvent, roots: Sequence[Path] = ()) -> dict[str, Path]:
     """Check the artifact directory a release event names against its sha256 (see verify_artifacts)."""
     return verify_artifacts(event.artifact_dir(), event.sha256, roots)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -161,11 +160,10 @@ def test_a_signed_release_of_a_folder_outside_the_artifact_roots_is_refused(mesh
         shutil.rmtree(outside)
 
 
-def _triton_tally(mesh: StackLayout) -> tuple[int, int]:
-    """Tokens generated and requests stopped on a cancel, as the model's stubs inside Triton count
-    them (services/infer/triton_model/model.py, Tally)."""
-    counts = [struct.unpack("qq", f.read_bytes()[:16]) for f in (mesh.triton_repository / ".tally").iterdir()]
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+def _triton_tally(mesh: StackLayout, name: str = "generated_tokens") -> float:
+    """What the model's stubs inside Triton count for chat@1 (services/infer/triton_model/model.py,
+    Tally), as the infer service exports it: `generated_tokens` or `cancelled`."""
+    return metric_sum(mesh.address("infer_metrics"), f"llmesh_triton_{name}_total", model="chat", version="1")
 
 
 def test_cancelled_streams_stop_in_triton_and_the_key_pays_what_was_generated(mesh, secure):
@@ -175,7 +173,8 @@ def test_cancelled_streams_stop_in_triton_and_the_key_pays_what_was_generated(me
     before = (
         metric_sum(infer_metrics, "llmesh_infer_generated_tokens_total", model="chat", version="1"),
         metric_sum(infer_metrics, "llmesh_infer_cancelled_total"),
-        *_triton_tally(mesh),
+        _triton_tally(mesh),
+        _triton_tally(mesh, "cancelled"),
     )
     sampling = common_pb2.SamplingParams(max_tokens=200, temperature=0.0)
     for n in range(8):
@@ -186,7 +185,7 @@ def test_cancelled_streams_stop_in_triton_and_the_key_pays_what_was_generated(me
         _wait_settled(mesh, key_id, n + 1)
     generated = metric_sum(infer_metrics, "llmesh_infer_generated_tokens_total", model="chat", version="1") - before[0]
     _wait_stopped_in_triton(mesh, before[3] + 8)
-    in_triton = _triton_tally(mesh)[0] - before[2]
+    in_triton = _triton_tally(mesh) - before[2]
     usage = asyncio.run(_usage(mesh, key_id))
     print(f"8 cancelled streams: infer received {generated:.0f} tokens, Triton generated {in_triton:.0f}, the key paid {usage}")
     assert metric_sum(infer_metrics, "llmesh_infer_cancelled_total") - before[1] == 8
@@ -194,9 +193,13 @@ def test_cancelled_streams_stop_in_triton_and_the_key_pays_what_was_generated(me
     assert generated <= in_triton < 8 * 200 / 4, "the generations stopped long before max_tokens"
 
 
-def _wait_stopped_in_triton(mesh: StackLayout, cancelled: int) -> None:
+def _wait_stopped_in_triton(mesh: StackLayout, cancelled: float) -> None:
     deadline = time.monotonic() + 30
-    while _triton_tally(mesh)[1] < cancelled:
+    running = {"model": "chat", "version": "1", "state": "running"}
+    while (
+        _triton_tally(mesh, "cancelled") < cancelled
+        or metric_sum(mesh.address("infer_metrics"), "llmesh_infer_sequences", **running) > 0
+    ):
         assert time.monotonic() < deadline, "Triton did not stop every cancelled generation"
         time.sleep(0.05)
 

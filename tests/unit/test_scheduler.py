@@ -233,7 +233,8 @@ def make_host(model_module, tiny, tmp_path):
         host.eos_id = eos_id
         host.context = model.config.n_positions
         host.foreground = model_module.Foreground(str(folder / ".foreground"))
-        host.tally = model_module.Tally(str(folder / ".tally"))
+        host.tally = model_module.Tally(str(folder / ".tally"), "tiny-v1")
+        host.serving, host.serving_lock = 0, threading.Lock()
         host.background_niceness = 15
         host.threads, host.scheduler = [], None
         return host
@@ -270,6 +271,13 @@ def alone(model_module, make_host):
     return run
 
 
+def _lone(module, host, request):
+    """The one-request path (max_batch 0) of a copy of `request`, not streamed: (tokens, finish)."""
+    seq = module.Sequence(request.clone(stream=False), host)
+    finish = host._generate(seq)
+    return seq.generated, finish
+
+
 # --- the tests -------------------------------------------------------------------------------------
 
 
@@ -278,9 +286,7 @@ def test_greedy_batch_gives_every_request_its_lone_tokens(model_module, make_hos
     requests = [Request(_prompt(i, int(n)), max_tokens=24) for i, n in enumerate(lengths)]
     expected = [alone(request) for request in requests]
     for request in requests[::5]:  # the one-request path (max_batch 0) agrees
-        generated = []
-        finish = make_host()._generate(request.clone(), generated, None, False)
-        assert (generated, finish) == (expected[requests.index(request)][0], "length")
+        assert _lone(model_module, make_host(), request) == (expected[requests.index(request)][0], "length")
 
     host = make_host()
     _run(model_module, host, requests, max_batch=16)
@@ -316,9 +322,7 @@ def test_each_request_ends_on_its_own_without_disturbing_the_others(model_module
     pool = [_prompt(100 + i, 4 + i % 9) for i in range(24)]
     runs = []
     for prompt in pool:
-        generated = []
-        make_host()._generate(Request(prompt, max_tokens=12), generated, None, False)
-        runs.append(generated)
+        runs.append(_lone(model_module, make_host(), Request(prompt, max_tokens=12))[0])
     eos_index = next((i for i, run in enumerate(runs) if run[2] not in run[:2]), None)
     assert eos_index is not None, "no prompt emits a new token third"
     eos = runs[eos_index][2]
@@ -367,6 +371,8 @@ def test_at_most_max_batch_run_and_the_rest_wait(model_module, make_host, alone)
     requests = [Request(_prompt(300 + i, 20 - 2 * i), max_tokens=10) for i in range(8)]  # later ones join shorter
     expected = [alone(request) for request in requests]
     host = make_host()
+    occupancy = []  # what the stub reports to the infer service's metrics, (queued, running), each turn
+    host.tally.occupancy = lambda queued, running: occupancy.append((queued, running))
     _run(model_module, host, requests, max_batch=3)
 
     for request, (tokens, finish) in zip(requests, expected, strict=True):
@@ -374,6 +380,8 @@ def test_at_most_max_batch_run_and_the_rest_wait(model_module, make_host, alone)
     decodes = host.model.decodes()
     assert max(decodes) == 3
     assert sum(decodes) == 8 * 9  # each request's first token comes from its prefill
+    assert occupancy[0] == (8, 0)  # all submitted before the first turn
+    assert (5, 3) in occupancy and max(running for _, running in occupancy) == 3
 
 
 def test_a_long_prompt_joins_in_pieces_between_the_running_steps(model_module, make_host, alone):
@@ -386,9 +394,7 @@ def test_a_long_prompt_joins_in_pieces_between_the_running_steps(model_module, m
     shorts = [Request(_prompt(410 + i, n), max_tokens=40, hook=join if i == 0 else None) for i, n in enumerate((3, 4, 4, 5))]
     expected_long = alone(long)
     expected_shorts = [alone(request) for request in shorts]
-    generated = []
-    make_host()._generate(long.clone(), generated, None, False)
-    assert generated == expected_long[0]
+    assert _lone(model_module, make_host(), long)[0] == expected_long[0]
 
     host = make_host()
     _run(model_module, host, shorts, prefill_tokens=16, later=[long])
@@ -457,3 +463,23 @@ def test_an_invalid_request_gets_an_error_and_the_scheduler_goes_on(model_module
         assert scheduler.is_alive()
     finally:
         scheduler.stop()
+
+
+def test_the_one_thread_path_answers_as_the_scheduler_does(model_module, make_host, alone, monkeypatch):
+    monkeypatch.setattr(model_module, "CANCEL_CHECK_S", 0.0)  # look at is_cancelled() every token
+    requests = [Request(_prompt(700 + i, 6 + i), max_tokens=10, stream=i % 2 == 0) for i in range(4)]
+    expected = [alone(request) for request in requests]
+    cancelled = Request(_prompt(710, 6), max_tokens=40, cancel_after=3)
+    invalid = Request([], max_tokens=4)
+    host = make_host()  # no scheduler: max_batch 0, a thread per request
+    host.execute([*requests, cancelled, invalid])
+    for request in [*requests, cancelled, invalid]:
+        assert request.sender.final.wait(WAIT_S), f"no final response for {request.args}"
+    host.finalize()
+
+    for request, answer in zip(requests, expected, strict=True):
+        assert (request.sender.tokens, request.sender.finish) == answer
+    assert (len(cancelled.sender.tokens), cancelled.sender.finish) == (3, "cancelled")
+    assert invalid.sender.responses == [([], "", FINAL, "generation failed: INPUT_IDS is empty")]
+    assert host.serving == 0
+    assert (host.tally.cancelled, host.tally.generated) == (1, 4 * 10 + 3)

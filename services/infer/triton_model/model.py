@@ -11,8 +11,9 @@ Outputs: streaming, one response per generated token with TOKEN_IDS int32[1], th
          with TOKEN_IDS int32[0] and FINISH_REASON ("length", "stop" or "eos"); not streaming, only
          the final response, carrying every generated token (each response costs the backend an IPC
          round trip, several times the compute of one token of a small model).
-Tally:   each stub counts the tokens it generated and the requests it stopped on a cancel in a
-         file of its own (see Tally), so that a cancel that did not stop the generation shows.
+Tally:   each stub counts the tokens it generated, the requests it stopped on a cancel and the
+         sequences queued and running now in a file of its own (see Tally), which the infer
+         service exports as metrics: a cancel that did not stop the generation, or a queue, shows.
 Batching (parameter max_batch > 0, the default 32): one scheduler thread steps every running
          sequence in one forward pass (continuous batching, see Scheduler); max_batch 0: one thread
          per request, each its own batch of one (the model before batching, kept to compare).
@@ -108,18 +109,20 @@ def _stop_strings(request):
 
 
 class Tally:
-    """What this stub computed: `<folder>/<pid>` holds two int64, the tokens it generated and the
-    requests it stopped on a cancel, updated in place (memory-mapped). Triton's custom metrics API
-    costs an IPC round trip per update, and a stub crashed when models sharing a metric family were
-    unloaded; a file costs neither. Files of stubs that ended stay: the counts are the repository's."""
+    """What this stub computed and holds: `<folder>/<model>.<pid>` holds four int64, the tokens it
+    generated, the requests it stopped on a cancel (both counters), the sequences queued (waiting for
+    a place in the batch or for their prefill) and those running (both now), updated in place
+    (memory-mapped). Triton's custom metrics API costs an IPC round trip per update, and a stub
+    crashed when models sharing a metric family were unloaded; a file costs neither. Files of stubs
+    that ended stay: the counters are the repository's (the infer service skips their gauges)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, model_name):
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, str(os.getpid()))
+        path = os.path.join(folder, f"{model_name}.{os.getpid()}")
         with open(path, "wb") as f:
-            f.write(bytes(16))
+            f.write(bytes(32))
         with open(path, "r+b") as f:
-            self.view = mmap.mmap(f.fileno(), 16)
+            self.view = mmap.mmap(f.fileno(), 32)
         self.lock, self.generated, self.cancelled = threading.Lock(), 0, 0
 
     def add(self, tokens, cancelled):
@@ -127,6 +130,9 @@ class Tally:
             self.generated += tokens
             self.cancelled += cancelled
             self.view[:16] = struct.pack("qq", self.generated, self.cancelled)
+
+    def occupancy(self, queued, running):
+        self.view[16:32] = struct.pack("qq", queued, running)
 
 
 def _response(token_ids, finish_reason=""):
@@ -157,7 +163,8 @@ class TritonPythonModel:
         self.threads = []
         shared = os.path.dirname(args["model_repository"])
         self.foreground = Foreground(os.path.join(shared, ".foreground"))
-        self.tally = Tally(os.path.join(shared, ".tally"))
+        self.tally = Tally(os.path.join(shared, ".tally"), args["model_name"])
+        self.serving, self.serving_lock = 0, threading.Lock()  # requests running (one-thread path)
         max_batch = int(params.get("max_batch", "32") or 0)
         self.scheduler = None
         if max_batch > 0:
@@ -177,71 +184,59 @@ class TritonPythonModel:
         return None
 
     def _serve(self, request):
-        sender = request.get_response_sender()
-        stream = bool(_scalar(request, "STREAM", True))
-        background = bool(_scalar(request, "BACKGROUND", False))
-        if background:
+        try:
+            seq = Sequence(request, self)
+        except Exception as err:  # report to the client instead of killing the stub
+            pb_utils_error(request.get_response_sender(), err)
+            return
+        if seq.background:
             os.setpriority(os.PRIO_PROCESS, 0, self.background_niceness)  # on Linux: this thread only
         else:
             self.foreground.enter(1)
-        generated, finish = [], ""
+        self._count_serving(1)
+        finish = ""
         try:
-            emit = (lambda token: sender.send(_response([token]))) if stream else None
-            finish = self._generate(request, generated, emit, background)
-            final = [] if stream else generated  # streamed tokens were sent one by one already
-            sender.send(_response(final, finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as err:  # report to the client instead of killing the stub
-            sender.send(
-                pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {err}")),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
+            finish = self._generate(seq)
+            final = [] if seq.stream else seq.generated  # streamed tokens were sent one by one already
+            seq.sender.send(_response(final, finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as err:
+            pb_utils_error(seq.sender, err)
         finally:
-            self.tally.add(len(generated), finish == "cancelled")
-            if not background:
+            self.tally.add(len(seq.generated), finish == "cancelled")
+            self._count_serving(-1)
+            if not seq.background:
                 self.foreground.enter(-1)
 
+    def _count_serving(self, delta):
+        with self.serving_lock:
+            self.serving += delta
+            self.tally.occupancy(0, self.serving)
+
     @torch.inference_mode()
-    def _generate(self, request, generated, emit, background):
-        """Append the tokens to `generated` (and pass each to `emit` when streaming); return the finish reason."""
-        ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy().reshape(-1).astype(np.int64)
-        if ids.size == 0:
-            raise ValueError("INPUT_IDS is empty")
-        max_tokens = int(_scalar(request, "MAX_TOKENS", 16))
-        temperature = float(_scalar(request, "TEMPERATURE", 1.0))
-        top_p = float(_scalar(request, "TOP_P", 1.0))
-        seed = int(_scalar(request, "SEED", 0)) % (2**63)
-        stops = [s for s in _stop_strings(request) if s]
-        budget = min(max_tokens, self.context - ids.size)
-        if budget <= 0:
+    def _generate(self, seq):
+        """Generate `seq` alone, a batch of one; return the finish reason."""
+        if seq.budget <= 0:
             return "length"
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        x = torch.from_numpy(ids).unsqueeze(0).to(self.device)
+        x = torch.tensor([seq.prompt], device=self.device)
         past = None
-        # is_cancelled() is a blocking round trip to tritonserver, dearer than a token: ask now and then.
-        cancel_check = Every(CANCEL_CHECK_S)
-        for _ in range(budget):
-            if not self._take_turn(request, background, cancel_check):
+        while True:
+            if not self._take_turn(seq):
                 return "cancelled"
             out = self.model(input_ids=x, past_key_values=past, use_cache=True)
             past = out.past_key_values
-            token = self._sample(out.logits[0, -1, :].float(), temperature, top_p, generator)
-            if token == self.eos_id:
-                return "eos"
-            generated.append(token)
-            if emit is not None:
-                emit(token)
-            if stops and self._hit_stop(generated, stops):
-                return "stop"
+            token = self._sample(out.logits[0, -1, :].float(), seq.temperature, seq.top_p, seq.generator)
+            finish = seq.take(token, self)
+            if finish:
+                return finish
             x = torch.tensor([[token]], device=self.device)
-        return "length"
 
-    def _take_turn(self, request, background, cancel_check):
-        """Wait until this request may compute its next token; False when it was cancelled."""
+    def _take_turn(self, seq):
+        """Wait until `seq` may compute its next token; False when it was cancelled."""
         give_up = time.monotonic() + YIELD_MAX_S
         while True:
-            if cancel_check.due() and request.is_cancelled():
+            if seq.cancelled():
                 return False
-            if not background or time.monotonic() >= give_up or not self.foreground.busy():
+            if not seq.background or time.monotonic() >= give_up or not self.foreground.busy():
                 return True
             time.sleep(YIELD_POLL_S)
 
@@ -267,6 +262,7 @@ class TritonPythonModel:
             self.scheduler.stop()
         for thread in self.threads:
             thread.join(timeout=10)
+        self.tally.occupancy(0, 0)
 
 
 class Sequence:
@@ -291,7 +287,25 @@ class Sequence:
         self.prefilled = 0  # prompt tokens in its cache so far (a long prompt is prefilled in pieces)
         self.cache = None  # its own cache while prefilling; then its row of the batch's
         self.length = 0  # tokens in the cache
+        # is_cancelled() is a blocking round trip to tritonserver, dearer than a token: ask now and then.
         self.cancel_check = Every(CANCEL_CHECK_S)
+
+    def cancelled(self):
+        return self.cancel_check.due() and self.request.is_cancelled()
+
+    def take(self, token, model):
+        """Add `token` (streamed to the client at once); the finish reason when the sequence ended
+        with it, '' while it goes on."""
+        if token == model.eos_id:
+            return "eos"
+        self.generated.append(token)
+        if self.stream:
+            self.sender.send(_response([token]))
+        if self.stops and model._hit_stop(self.generated, self.stops):
+            return "stop"
+        if len(self.generated) >= self.budget:
+            return "length"
+        return ""
 
 
 class Batch:
@@ -390,8 +404,9 @@ class Scheduler(threading.Thread):
 
     def run(self):
         while not self.stopping:
-            running = self.waiting or len(self.foreground) or len(self.background)
-            self._accept(0 if running else 1.0)  # with nothing to run, wait for requests
+            running = len(self.foreground) + len(self.background)
+            self.model.tally.occupancy(len(self.waiting) + self.inbox.qsize(), running)
+            self._accept(0 if running or self.waiting else 1.0)  # with nothing to run, wait for requests
             try:
                 with torch.inference_mode():
                     worked = self._turn()
@@ -443,7 +458,7 @@ class Scheduler(threading.Thread):
     def _prefill(self):
         budget = self.prefill_tokens
         running = len(self.foreground) + len(self.background)
-        for seq in [seq for seq in self.waiting if self._cancelled(seq)]:  # queued ones too, not only those let in
+        for seq in [seq for seq in self.waiting if seq.cancelled()]:  # queued ones too, not only those let in
             self.waiting.remove(seq)
             self._finish(seq, "cancelled")
         order = sorted(self.waiting, key=lambda seq: seq.background)  # client requests first
@@ -469,7 +484,7 @@ class Scheduler(threading.Thread):
         logits = batch.step(self.model.model)
         kept = []
         for row, seq in enumerate(batch.seqs):
-            if self._cancelled(seq):
+            if seq.cancelled():
                 self._finish(seq, "cancelled")
             elif self._emit(seq, self.model._sample(logits[row], seq.temperature, seq.top_p, seq.generator)):
                 kept.append(seq)
@@ -477,26 +492,14 @@ class Scheduler(threading.Thread):
 
     def _emit(self, seq, token):
         """Hand `token` to the client; False when the sequence ended (and was answered)."""
-        if token == self.model.eos_id:
-            self._finish(seq, "eos")
+        try:
+            finish = seq.take(token, self.model)
+        except Exception as err:  # this client's answer failed, not the batch's
+            self._fail(seq, err)
             return False
-        seq.generated.append(token)
-        if seq.stream:
-            try:
-                seq.sender.send(_response([token]))
-            except Exception as err:  # this client's answer failed, not the batch's
-                self._fail(seq, err)
-                return False
-        if seq.stops and self.model._hit_stop(seq.generated, seq.stops):
-            self._finish(seq, "stop")
-            return False
-        if len(seq.generated) >= seq.budget:
-            self._finish(seq, "length")
-            return False
-        return True
-
-    def _cancelled(self, seq):
-        return seq.cancel_check.due() and seq.request.is_cancelled()
+        if finish:
+            self._finish(seq, finish)
+        return not finish
 
     def _finish(self, seq, finish):
         final = [] if seq.stream else seq.generated

@@ -13,21 +13,26 @@ from rich.table import Table
 console = Console()
 NAMES = ("resources", "stream", "overhead", "swap", "shadow", "scale", "batching")  # `all`
 LONG = ("soak",)  # by name only
+OFFLINE = ("engines",)  # by name only, no stack: engines compared in this process on CPU
 
 
 def bench(
-    names: Annotated[list[str], typer.Argument(help=f"{', '.join(NAMES + LONG)} or all (all but {', '.join(LONG)})")],
+    names: Annotated[
+        list[str],
+        typer.Argument(help=f"{', '.join(NAMES + LONG + OFFLINE)} or all (all but {', '.join(LONG + OFFLINE)})"),
+    ],
     quick: Annotated[bool, typer.Option(help="a short smoke run (what CI runs)")] = False,
     out: Annotated[Path, typer.Option(help="where JSON and plots go")] = Path("bench/results"),
     models_dir: Annotated[Path, typer.Option(envvar="LLMESH_MODELS_DIR", help="demo models (built if absent)")] = Path(
         ".llmesh/models"
     ),
 ) -> None:
-    """Measure the mesh against direct Triton and the bare broker; write JSON and PNG plots."""
+    """Measure the mesh against direct Triton and the bare broker (`engines`: the Triton model's batching
+    against transformers' on CPU, offline); write JSON and PNG plots."""
     chosen = list(NAMES) if "all" in names else names
-    unknown = sorted(set(chosen) - set(NAMES + LONG))
+    unknown = sorted(set(chosen) - set(NAMES + LONG + OFFLINE))
     if unknown:
-        raise typer.BadParameter(f"unknown benchmark(s) {unknown}; choose from {', '.join(NAMES + LONG)} or all")
+        raise typer.BadParameter(f"unknown benchmark(s) {unknown}; choose from {', '.join(NAMES + LONG + OFFLINE)} or all")
     from bench import runner  # the repository's bench/ package: heavy imports only when benchmarking
 
     summary = runner.run(chosen, out.resolve(), quick, models_dir.resolve(), lambda line: console.print(f"[cyan]bench[/] {line}"))
@@ -108,6 +113,18 @@ def table(summary: dict[str, Any]) -> Table:
             )
         ttft = batching["ttft_c16"]
         out.add_row("batching / one thread: TTFT p50 at c=16", f"x{ttft['p50_ratio']:.2f}", "≤ 1")
+    engines = summary.get("engines")
+    if engines:
+        for row in engines["rows"]:
+            tag = f"{row['engine']}, batch {row['batch']}, {row['max_tokens']} tok"
+            if row["error"]:
+                out.add_row(f"engines: {tag}", f"error: {row['error'][:80]}", "")
+                continue
+            out.add_row(
+                f"engines: tokens/s, prompts equal to alone ({tag})",
+                f"{row['tokens_per_s']:.0f}, {row['greedy_equal']:.0%}",
+                "100%" if row["engine"] == "llmesh" else "",
+            )
     soak = summary.get("soak")
     if soak:
         out.add_row(

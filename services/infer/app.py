@@ -43,6 +43,8 @@ EXPIRED = Counter("llmesh_infer_expired_total", "Requests whose deadline passed 
 CANCELLED = Counter("llmesh_infer_cancelled_total", "Requests stopped because their client cancelled", ["when"])
 SHADOW_DROPPED = Counter("llmesh_infer_shadow_dropped_total", "Mirrored requests dropped because the shadow backlog was full")
 IN_FLIGHT = Gauge("llmesh_infer_in_flight", "Inference requests running now")
+TRITON_TALLY = StubTallyCollector()
+REGISTRY.register(TRITON_TALLY)
 TTFT = Histogram(
     "llmesh_infer_first_token_seconds", "Triton time to first token", buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 )
@@ -71,7 +73,7 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
                 "prefill_tokens": str(settings.prefill_tokens),
             },
         )
-        REGISTRY.register(StubTallyCollector(self.repository.root / ".tally"))  # written by the model's stubs
+        TRITON_TALLY.folder = self.repository.root / ".tally"  # written by the model's stubs
         self.served = ServedVersions()
         self.catalog = TokenizerCatalog(self.registry)
         self.shadow_slots = asyncio.Semaphore(settings.shadow_concurrency)

@@ -49,9 +49,10 @@ def read_tallies(folder: Path) -> list[StubTally]:
 
 
 class StubTallyCollector(Collector):
-    """Exports the stubs' tallies of one Triton repository, summed per model version."""
+    """Exports the stubs' tallies of one Triton repository (`folder`, once the service knows it),
+    summed per model version."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder
 
     def collect(self) -> Iterator[Metric]:
@@ -67,7 +68,7 @@ class StubTallyCollector(Collector):
             "llmesh_triton_cancelled", "Generations the model stopped on a cancel inside Triton", labels=["model", "version"]
         )
         totals: dict[tuple[str, str], list[int]] = {}
-        for tally in read_tallies(self.folder):
+        for tally in read_tallies(self.folder) if self.folder else []:
             total = totals.setdefault((tally.model, str(tally.version)), [0, 0, 0, 0])
             total[0] += tally.generated
             total[1] += tally.cancelled

@@ -3,8 +3,8 @@ model, for the same prompts, at batch sizes 1, 4, 16 and 16, 128 new tokens (no 
 
 - `llmesh`: the Triton model's own continuous batching (`Batch` of services/infer/triton_model/model.py:
   a left-padded DynamicCache, an attention mask and position ids), driven as its `Scheduler` drives
-  it: each prompt prefilled alone, then added to the batch; one forward pass per step for every
-  row; a row leaves (`keep`) once it has its tokens.
+  prompts arriving together within its prefill budget: prefilled in one left-padded pass, then one
+  forward pass per step for every row; a row leaves (`keep`) once it has its tokens.
 - `transformers-cb`: transformers' continuous batching (`ContinuousBatchingManager`, a paged KV
   cache; `generate_batch` is the same manager made and destroyed per call), made and started before
   the clock starts, requests added and their results awaited on the clock.
@@ -67,11 +67,12 @@ Engine = Callable[[], list[list[int]]]  # one run: every prompt's generated toke
 
 @dataclass(eq=False)  # Batch.keep finds rows by identity
 class Row:
-    """What `Batch` needs of a sequence: its tokens so far, its cache (until it joins) and length."""
+    """What `Batch` needs of a sequence: its prompt, its tokens so far, its length and prefill."""
 
+    prompt: list[int]
     generated: list[int] = field(default_factory=list)
-    cache: Any = None
     length: int = 0
+    prefilled: int = 0
 
 
 def load_model_module() -> types.ModuleType:
@@ -119,21 +120,17 @@ def alone(model: Any, prompt: list[int], n: int) -> list[int]:
 
 @torch.inference_mode()
 def llmesh_generate(model: Any, batch_class: Any, prompts: Sequence[list[int]], n: int) -> list[list[int]]:
-    """Greedy tokens through the Triton model's `Batch`, as `Scheduler` runs it (all prompts at once)."""
-    rows = []
-    batch = batch_class()
-    for prompt in prompts:  # Scheduler._prefill: each newcomer alone, then it joins with its first token
-        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-        row = Row([int(out.logits[0, -1].argmax())], out.past_key_values, len(prompt))
-        rows.append(row)
-        if n > 1:
-            batch.add(row)
-    while len(batch):  # Scheduler._decode
-        logits = batch.step(model)
+    """Greedy tokens through the Triton model's `Batch`, as `Scheduler` runs prompts that arrive
+    together within its prefill budget: prefilled in one left-padded pass, then stepped together."""
+    rows = [Row(list(prompt)) for prompt in prompts]
+    batch, logits = batch_class.prefilled(model, rows, torch.device("cpu"))
+    while True:
         for i, row in enumerate(batch.seqs):
             row.generated.append(int(logits[i].argmax()))
         batch.keep([row for row in batch.seqs if len(row.generated) < n])
-    return [row.generated for row in rows]
+        if not len(batch):
+            return [row.generated for row in rows]
+        logits = batch.step(model)
 
 
 @torch.inference_mode()

@@ -179,17 +179,18 @@ def _prompt(seed, length):
 
 
 class Recorder:
-    """The model, recording each forward: ("decode", batch size) for a batch's step (it passes an
-    attention mask), ("prefill", prompt-piece length) for a prefill."""
+    """The model, recording each forward: ("decode", batch size) for a batch's step (a mask over a
+    cache), ("prefill", token positions) for a prefill (a prompt piece alone, or whole prompts
+    left-padded together: rows x width)."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
 
     def __call__(self, input_ids, **kwargs):
-        if "attention_mask" in kwargs:
+        if "attention_mask" in kwargs and kwargs.get("past_key_values") is not None:
             self.calls.append(("decode", input_ids.shape[0]))
         else:
-            self.calls.append(("prefill", input_ids.shape[1]))
+            self.calls.append(("prefill", input_ids.numel()))
         return self.model(input_ids=input_ids, **kwargs)
 
     def decodes(self):
@@ -384,6 +385,28 @@ def test_at_most_max_batch_run_and_the_rest_wait(model_module, make_host, alone)
     assert (5, 3) in occupancy and max(running for _, running in occupancy) == 3
 
 
+def test_prompts_arriving_together_are_prefilled_in_one_pass(model_module, make_host, alone):
+    requests = [Request(_prompt(800 + i, 5 + i), max_tokens=6, stream=i % 2 == 0) for i in range(6)]
+    expected = [alone(request) for request in requests]
+    host = make_host()
+    _run(model_module, host, requests)
+
+    assert [call for call in host.model.calls if call[0] == "prefill"] == [("prefill", 6 * 10)]  # left-padded to 10
+    for request, answer in zip(requests, expected, strict=True):
+        assert (request.sender.tokens, request.sender.finish) == answer
+
+
+def test_padding_counts_against_the_prefill_budget(model_module, make_host, alone):
+    short, long = Request(_prompt(820, 2), max_tokens=4), Request(_prompt(821, 12), max_tokens=4)
+    expected = [alone(short), alone(long)]
+    host = make_host()
+    _run(model_module, host, [short, long], prefill_tokens=16)
+
+    # together they would cost 2 x 12 = 24 positions, over the budget: the long one is prefilled alone
+    assert host.model.calls[:3] == [("prefill", 12), ("prefill", 2), ("decode", 2)]
+    assert [(request.sender.tokens, request.sender.finish) for request in (short, long)] == expected
+
+
 def test_a_long_prompt_joins_in_pieces_between_the_running_steps(model_module, make_host, alone):
     long = Request(_prompt(400, 100), max_tokens=8)
 
@@ -391,7 +414,7 @@ def test_a_long_prompt_joins_in_pieces_between_the_running_steps(model_module, m
         if len(sender.tokens) == 3 and not sender.final.is_set():  # once: the response with its 3rd token
             host.scheduler.submit(long)
 
-    shorts = [Request(_prompt(410 + i, n), max_tokens=40, hook=join if i == 0 else None) for i, n in enumerate((3, 4, 4, 5))]
+    shorts = [Request(_prompt(410 + i, n), max_tokens=40, hook=join if i == 0 else None) for i, n in enumerate((3, 4, 4, 4))]
     expected_long = alone(long)
     expected_shorts = [alone(request) for request in shorts]
     assert _lone(model_module, make_host(), long)[0] == expected_long[0]
@@ -400,15 +423,15 @@ def test_a_long_prompt_joins_in_pieces_between_the_running_steps(model_module, m
     _run(model_module, host, shorts, prefill_tokens=16, later=[long])
 
     calls = host.model.calls
-    assert [kind for kind, _ in calls[:4]] == ["prefill"] * 4  # the four short prompts, one turn
+    assert calls[:2] == [("prefill", 4 * 4), ("decode", 4)]  # the four short prompts, one pass (16 positions)
     between = 0
-    for kind, size in calls[4:]:
+    for kind, size in calls[1:]:
         if kind == "decode":
             assert between <= 16
             between = 0
         else:
             between += size
-    pieces = [i for i, (kind, _) in enumerate(calls) if i >= 4 and kind == "prefill"]
+    pieces = [i for i, (kind, _) in enumerate(calls) if i >= 1 and kind == "prefill"]
     assert sum(calls[i][1] for i in pieces) == 100
     assert len(pieces) == 7
     assert all(calls[i + 1] == ("decode", 4) for i in pieces[:-1])  # the others kept stepping meanwhile

@@ -319,21 +319,43 @@ class Batch:
     def __len__(self):
         return len(self.seqs)
 
+    @classmethod
+    def prefilled(cls, model, seqs, device):
+        """A batch of `seqs` whose whole prompts went through one forward pass together (left-padded,
+        as `generate` does), and the logits of each row's first token."""
+        width = max(len(seq.prompt) for seq in seqs)
+        ids = torch.tensor([[0] * (width - len(seq.prompt)) + seq.prompt for seq in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(seq.prompt)) + [1] * len(seq.prompt) for seq in seqs], device=device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        batch = cls()
+        batch.seqs, batch.cache, batch.mask = list(seqs), out.past_key_values, mask
+        for seq in seqs:
+            seq.prefilled = seq.length = len(seq.prompt)
+        return batch, out.logits[:, -1, :].float()
+
     def add(self, seq):
-        own, n = seq.cache, seq.length
-        seq.cache = None
-        row_mask = torch.ones(1, n, dtype=torch.long, device=own.layers[0].keys.device)
-        if self.cache is None:
-            self.seqs, self.cache, self.mask = [seq], own, row_mask
+        """Join `seq`, prefilled alone in its own cache."""
+        joining = Batch()
+        joining.seqs, joining.cache, seq.cache = [seq], seq.cache, None
+        joining.mask = torch.ones(1, seq.length, dtype=torch.long, device=joining.cache.layers[0].keys.device)
+        self.join(joining)
+
+    def join(self, other):
+        """Take every row of `other`, padding its rows or these on the left to a common length."""
+        if not len(other):
             return
-        width = self.mask.shape[1]
-        pad_row, pad_batch = max(0, width - n), max(0, n - width)
-        for mine, theirs in zip(self.cache.layers, own.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, pad_batch), _pad_left(theirs.keys, pad_row)])
-            mine.values = torch.cat([_pad_left(mine.values, pad_batch), _pad_left(theirs.values, pad_row)])
+        if self.cache is None:
+            self.seqs, self.cache, self.mask = list(other.seqs), other.cache, other.mask
+            return
+        width, theirs = self.mask.shape[1], other.mask.shape[1]
+        pad_row, pad_batch = max(0, width - theirs), max(0, theirs - width)
+        for mine, joining in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, pad_batch), _pad_left(joining.keys, pad_row)])
+            mine.values = torch.cat([_pad_left(mine.values, pad_batch), _pad_left(joining.values, pad_row)])
         mask = torch.nn.functional.pad(self.mask, (pad_batch, 0))
-        self.mask = torch.cat([mask, torch.nn.functional.pad(row_mask, (pad_row, 0))])
-        self.seqs.append(seq)
+        self.mask = torch.cat([mask, torch.nn.functional.pad(other.mask, (pad_row, 0))])
+        self.seqs.extend(other.seqs)
 
     def keep(self, kept):
         """Keep the rows of `kept` (sequences of this batch, in order)."""
@@ -462,11 +484,20 @@ class Scheduler(threading.Thread):
             self.waiting.remove(seq)
             self._finish(seq, "cancelled")
         order = sorted(self.waiting, key=lambda seq: seq.background)  # client requests first
+        together = {False: [], True: []}  # whole prompts, prefilled in one pass per kind (client, mirror)
         for seq in order:
             if budget <= 0 or running >= self.max_batch:
                 break
             if seq.background and (len(self.foreground) or any(not s.background for s in self.waiting)):
                 continue  # a mirror joins only with spare capacity
+            group = together[seq.background]
+            width = max([len(s.prompt) for s in group], default=0)
+            cost = max(width, len(seq.prompt)) * (len(group) + 1) - width * len(group)  # padding costs too
+            if seq.prefilled == 0 and cost <= budget:
+                group.append(seq)
+                budget -= cost
+                running += 1
+                continue
             piece = seq.prompt[seq.prefilled : seq.prefilled + budget]
             x = torch.tensor([piece], device=self.model.device)
             out = self.model.model(input_ids=x, past_key_values=seq.cache, use_cache=True)
@@ -476,9 +507,19 @@ class Scheduler(threading.Thread):
                 continue
             self.waiting.remove(seq)
             running += 1
-            if self._emit(seq, self.model._sample(out.logits[0, -1, :].float(), seq.temperature, seq.top_p, seq.generator)):
+            if self._emit(seq, self._sampled(seq, out.logits[0, -1, :].float())):
                 (self.background if seq.background else self.foreground).add(seq)
+        for background, group in together.items():
+            if group:
+                self._join_together(group, self.background if background else self.foreground)
         return budget < self.prefill_tokens
+
+    def _join_together(self, group, batch):
+        joining, logits = Batch.prefilled(self.model.model, group, self.model.device)
+        for seq in group:
+            self.waiting.remove(seq)
+        joining.keep([seq for row, seq in enumerate(group) if self._emit(seq, self._sampled(seq, logits[row]))])
+        batch.join(joining)
 
     def _decode(self, batch):
         logits = batch.step(self.model.model)
@@ -486,9 +527,12 @@ class Scheduler(threading.Thread):
         for row, seq in enumerate(batch.seqs):
             if seq.cancelled():
                 self._finish(seq, "cancelled")
-            elif self._emit(seq, self.model._sample(logits[row], seq.temperature, seq.top_p, seq.generator)):
+            elif self._emit(seq, self._sampled(seq, logits[row])):
                 kept.append(seq)
         batch.keep(kept)
+
+    def _sampled(self, seq, logits):
+        return self.model._sample(logits, seq.temperature, seq.top_p, seq.generator)
 
     def _emit(self, seq, token):
         """Hand `token` to the client; False when the sequence ended (and was answered)."""

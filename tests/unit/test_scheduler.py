@@ -237,27 +237,28 @@ def make_host(model_module, tiny, tmp_path):
         host.tally = model_module.Tally(str(folder / ".tally"), "tiny-v1")
         host.serving, host.serving_lock = 0, threading.Lock()
         host.background_niceness = 15
-        host.threads, host.scheduler = [], None
+        host.threads, host.scheduler, host.mirrors = [], None, None
         return host
 
     return make
 
 
 def _run(module, host, requests, max_batch=16, prefill_tokens=256, later=()):
-    """Submit `requests` before the scheduler thread starts (so they meet in its first turn), wait for
-    every final response (of `later` too: requests that hooks submit meanwhile), stop it."""
-    scheduler = module.Scheduler(host, max_batch, prefill_tokens)
-    host.scheduler = scheduler
-    for request in requests:
-        scheduler.submit(request)
-    scheduler.start()
+    """Hand `requests` to the host's schedulers (the clients' and the mirrors') before their threads
+    start (so that they meet in the first turn), wait for every final response (of `later` too:
+    requests that hooks submit meanwhile), stop them."""
+    host.scheduler = module.Scheduler(host, max_batch, prefill_tokens)
+    host.mirrors = module.Scheduler(host, max_batch, prefill_tokens, background=True)
+    host.execute(requests)
+    host.scheduler.start()
+    host.mirrors.start()
     try:
         for request in [*requests, *later]:
             assert request.sender.final.wait(WAIT_S), f"no final response for {request.args}"
     finally:
-        scheduler.stop()
-    assert not scheduler.is_alive()
-    return scheduler
+        host.scheduler.stop()
+        host.mirrors.stop()
+    assert not host.scheduler.is_alive() and not host.mirrors.is_alive()
 
 
 @pytest.fixture
@@ -372,8 +373,8 @@ def test_at_most_max_batch_run_and_the_rest_wait(model_module, make_host, alone)
     requests = [Request(_prompt(300 + i, 20 - 2 * i), max_tokens=10) for i in range(8)]  # later ones join shorter
     expected = [alone(request) for request in requests]
     host = make_host()
-    occupancy = []  # what the stub reports to the infer service's metrics, (queued, running), each turn
-    host.tally.occupancy = lambda queued, running: occupancy.append((queued, running))
+    occupancy = []  # what the clients' scheduler reports to the infer service's metrics, each turn
+    host.tally.occupancy = lambda source, *counts: source == "llmesh-scheduler" and occupancy.append(counts)
     _run(model_module, host, requests, max_batch=3)
 
     for request, (tokens, finish) in zip(requests, expected, strict=True):
@@ -441,33 +442,34 @@ def test_a_long_prompt_joins_in_pieces_between_the_running_steps(model_module, m
         assert (request.sender.tokens, request.sender.finish) == expected
 
 
-def test_background_requests_run_in_a_batch_of_their_own(model_module, make_host, alone, monkeypatch):
-    steps = []
-    step = model_module.Batch.step
+def test_mirrors_wait_while_client_requests_run(model_module, make_host, alone, monkeypatch):
+    monkeypatch.setattr(model_module, "YIELD_MAX_S", 3600.0)  # a mirror never forces its turn
+    sent = []  # whose response each send was, in order
+    clients = [Request(_prompt(500 + i, 4 + i), max_tokens=8, hook=lambda _: sent.append("client")) for i in range(3)]
+    mirror = Request(_prompt(510, 6), max_tokens=8, background=True, hook=lambda _: sent.append("mirror"))
+    expected = alone(mirror, background=False)
+    host = make_host()
+    _run(model_module, host, [*clients, mirror])
 
-    def recording_step(batch, model):
-        steps.append({seq.background for seq in batch.seqs})
-        return step(batch, model)
+    assert sent == ["client"] * 3 * 9 + ["mirror"] * 9  # 8 tokens and a final response each
+    assert (mirror.sender.tokens, mirror.sender.finish) == expected
+    assert host.foreground.count == 0
 
-    monkeypatch.setattr(model_module.Batch, "step", recording_step)
-    foreground = [Request(_prompt(500 + i, 4 + i), max_tokens=8) for i in range(3)]
-    background = Request(_prompt(510, 6), max_tokens=8, background=True)
-    expected = alone(background, background=False)
-    steps.clear()
-    _run(model_module, make_host(), [*foreground, background])
 
-    assert all(len(flags) == 1 for flags in steps)  # no step mixed them
-    # the mirror waits for spare capacity: it starts once the client requests are through
-    assert steps == [{False}] * steps.count({False}) + [{True}] * 7
-    assert steps.count({False}) >= 7
-    assert (background.sender.tokens, background.sender.finish) == expected
-    assert all(request.sender.finish == "length" for request in foreground)
+def test_a_mirror_still_steps_while_a_client_request_runs(model_module, make_host, alone, monkeypatch):
+    monkeypatch.setattr(model_module, "YIELD_MAX_S", 0.0)  # its turn is forced every time
+    mirror = Request(_prompt(520, 6), max_tokens=8, background=True)
 
-    lone = background.clone()
-    steps.clear()
-    _run(model_module, make_host(), [lone])
-    assert (lone.sender.tokens, lone.sender.finish) == expected
-    assert steps and all(flags == {True} for flags in steps)
+    def hold(sender):  # the client's first token waits for the mirror's end: the client stays busy meanwhile
+        if len(sender.responses) == 1:
+            assert mirror.sender.final.wait(WAIT_S), "the mirror starved"
+
+    client = Request(_prompt(521, 5), max_tokens=4, hook=hold)
+    expected = alone(mirror, background=False)
+    _run(model_module, make_host(), [client, mirror])
+
+    assert (mirror.sender.tokens, mirror.sender.finish) == expected
+    assert (len(client.sender.tokens), client.sender.finish) == (4, "length")
 
 
 def test_an_invalid_request_gets_an_error_and_the_scheduler_goes_on(model_module, make_host):

@@ -14,9 +14,10 @@ Outputs: streaming, one response per generated token with TOKEN_IDS int32[1], th
 Tally:   each stub counts the tokens it generated, the requests it stopped on a cancel and the
          sequences queued and running now in a file of its own (see Tally), which the infer
          service exports as metrics: a cancel that did not stop the generation, or a queue, shows.
-Batching (parameter max_batch > 0, the default 32): one scheduler thread steps every running
-         sequence in one forward pass (continuous batching, see Scheduler); max_batch 0: one thread
-         per request, each its own batch of one (the model before batching, kept to compare).
+Batching (parameter max_batch > 0, the default 32): one scheduler thread steps every running client
+         sequence in one forward pass (continuous batching, see Scheduler), another, of lower CPU
+         priority, the mirrored ones; max_batch 0: one thread per request, each its own batch of
+         one (the model before batching, kept to compare).
 """
 
 import contextlib
@@ -40,8 +41,8 @@ YIELD_MAX_S = 0.05  # a background request still makes a token this often, so it
 
 
 class Every:
-    def __init__(self, seconds):
-        self.seconds, self.next = seconds, 0.0
+    def __init__(self, seconds, wait_first=False):
+        self.seconds, self.next = seconds, time.monotonic() + seconds if wait_first else 0.0
 
     def due(self):
         now = time.monotonic()
@@ -124,6 +125,7 @@ class Tally:
         with open(path, "r+b") as f:
             self.view = mmap.mmap(f.fileno(), 32)
         self.lock, self.generated, self.cancelled = threading.Lock(), 0, 0
+        self.occupied = {}  # who reports (a scheduler, the threads) -> (queued, running)
 
     def add(self, tokens, cancelled):
         with self.lock:
@@ -131,8 +133,10 @@ class Tally:
             self.cancelled += cancelled
             self.view[:16] = struct.pack("qq", self.generated, self.cancelled)
 
-    def occupancy(self, queued, running):
-        self.view[16:32] = struct.pack("qq", queued, running)
+    def occupancy(self, source, queued, running):
+        with self.lock:
+            self.occupied[source] = (queued, running)
+            self.view[16:32] = struct.pack("qq", *map(sum, zip(*self.occupied.values(), strict=True)))
 
 
 def _response(token_ids, finish_reason=""):
@@ -166,16 +170,18 @@ class TritonPythonModel:
         self.tally = Tally(os.path.join(shared, ".tally"), args["model_name"])
         self.serving, self.serving_lock = 0, threading.Lock()  # requests running (one-thread path)
         max_batch = int(params.get("max_batch", "32") or 0)
-        self.scheduler = None
+        self.scheduler = self.mirrors = None
         if max_batch > 0:
             prefill_tokens = int(params.get("prefill_tokens", "256") or 256)
             self.scheduler = Scheduler(self, max_batch, prefill_tokens)
+            self.mirrors = Scheduler(self, max_batch, prefill_tokens, background=True)
             self.scheduler.start()
+            self.mirrors.start()
 
     def execute(self, requests):
         for request in requests:
             if self.scheduler is not None:
-                self.scheduler.submit(request)
+                (self.mirrors if _scalar(request, "BACKGROUND", False) else self.scheduler).submit(request)
                 continue
             thread = threading.Thread(target=self._serve, args=(request,), daemon=True)
             thread.start()
@@ -210,7 +216,7 @@ class TritonPythonModel:
     def _count_serving(self, delta):
         with self.serving_lock:
             self.serving += delta
-            self.tally.occupancy(0, self.serving)
+            self.tally.occupancy("threads", 0, self.serving)
 
     @torch.inference_mode()
     def _generate(self, seq):
@@ -260,9 +266,11 @@ class TritonPythonModel:
     def finalize(self):
         if self.scheduler is not None:
             self.scheduler.stop()
+            self.mirrors.stop()
         for thread in self.threads:
             thread.join(timeout=10)
-        self.tally.occupancy(0, 0)
+        for source in list(self.tally.occupied):
+            self.tally.occupancy(source, 0, 0)
 
 
 class Sequence:
@@ -393,30 +401,37 @@ def _pad_left(tensor, columns):
 
 
 class Scheduler(threading.Thread):
-    """Continuous batching: one thread owns the model and steps every running sequence together.
+    """Continuous batching: one thread steps every running sequence of its kind together.
 
-    Each turn: newcomers are prefilled, alone, up to `prefill_tokens` prompt tokens a turn (a long
-    prompt over several turns, so that it does not stall the streams running), and each one that is
-    through joins the batch with its first token; then one decode step for the whole batch. A
-    sequence leaves as soon as it ends (length, eos, stop, cancel); beyond `max_batch` running,
-    newcomers wait in the queue. Mirrored (background) requests run in a batch of their own that
-    steps only when no client request runs here or in another stub, or at least every YIELD_MAX_S,
-    so that a shadow costs the clients' requests next to nothing.
+    Each turn: newcomers are prefilled, at most `prefill_tokens` token positions a turn, padding
+    counted (whole prompts that fit go through one left-padded pass together; a longer prompt goes
+    alone, in pieces over several turns, so that it does not stall the streams running), and each
+    one that is through joins the batch with its first token; then one decode step for the whole
+    batch. A sequence leaves as soon as it ends (length, eos, stop, cancel); beyond `max_batch`
+    running, newcomers wait in the queue.
 
-    Greedy decoding gives the same tokens in a batch as alone (prefill is alone; a batched step
-    differs from a lone one only in float rounding, which the tests check does not change the argmax
-    of the demo model); a sampled sequence draws from its own seeded generator."""
+    Each stub runs two: one for the clients' requests and one (`background`) for mirrored requests,
+    on a thread of lower CPU priority whose turns wait while any client request runs, here or in
+    another stub, for at most YIELD_MAX_S, so that a shadow costs the clients next to nothing and
+    still never starves.
 
-    def __init__(self, model, max_batch, prefill_tokens):
-        super().__init__(daemon=True, name="llmesh-scheduler")
+    Greedy decoding gives the same tokens in a batch as alone (a batched pass differs from a lone
+    one only in float rounding, which the tests check does not change the argmax of the demo
+    model); a sampled sequence draws from its own seeded generator."""
+
+    def __init__(self, model, max_batch, prefill_tokens, background=False):
+        super().__init__(daemon=True, name="llmesh-mirrors" if background else "llmesh-scheduler")
         self.model, self.max_batch, self.prefill_tokens = model, max_batch, prefill_tokens
+        self.background = background
         self.inbox = queue.Queue()
         self.waiting = []  # accepted, not yet through prefill
-        self.foreground, self.background = Batch(), Batch()
-        self.background_due = Every(YIELD_MAX_S)
+        self.batch = Batch()
+        self.forced = Every(YIELD_MAX_S, wait_first=True)
         self.stopping = False
 
     def submit(self, request):
+        if not self.background:
+            self.model.foreground.enter(1)  # at once: mirrors yield to a client request from its arrival
         self.inbox.put(request)
 
     def stop(self):
@@ -425,19 +440,20 @@ class Scheduler(threading.Thread):
         self.join(timeout=10)
 
     def run(self):
+        if self.background:
+            os.setpriority(os.PRIO_PROCESS, 0, self.model.background_niceness)  # on Linux: this thread only
         while not self.stopping:
-            running = len(self.foreground) + len(self.background)
-            self.model.tally.occupancy(len(self.waiting) + self.inbox.qsize(), running)
-            self._accept(0 if running or self.waiting else 1.0)  # with nothing to run, wait for requests
+            self.model.tally.occupancy(self.name, len(self.waiting) + self.inbox.qsize(), len(self.batch))
+            self._accept(0 if len(self.batch) or self.waiting else 1.0)  # with nothing to run, wait for requests
             try:
                 with torch.inference_mode():
                     worked = self._turn()
             except Exception as err:  # report to every client of this turn instead of killing the stub
-                for seq in [*self.waiting, *self.foreground.seqs, *self.background.seqs]:
+                for seq in [*self.waiting, *self.batch.seqs]:
                     self._fail(seq, err)
-                self.waiting, self.foreground, self.background = [], Batch(), Batch()
+                self.waiting, self.batch = [], Batch()
                 continue
-            if not worked:  # only a mirror, yielding to the clients of another stub
+            if not worked:  # mirrors, yielding to the clients' requests
                 self._accept(YIELD_POLL_S)
 
     def _accept(self, timeout):
@@ -456,45 +472,40 @@ class Scheduler(threading.Thread):
             seq = Sequence(request, self.model)
         except Exception as err:
             pb_utils_error(request.get_response_sender(), err)
+            self._left()
             return
-        if not seq.background:
-            self.model.foreground.enter(1)
         if seq.budget <= 0:
             self._finish(seq, "length")
             return
         self.waiting.append(seq)
 
     def _turn(self):
-        """Prefill newcomers, then step the running batches; False when nothing could run."""
+        """Prefill newcomers, then step the batch; False when nothing could run."""
+        if self.background and self._clients_busy() and not self.forced.due():
+            return False
         worked = self._prefill()
-        if len(self.foreground):
-            self._decode(self.foreground)
-            worked = True
-        if len(self.background) and (
-            (not len(self.foreground) and not self.model.foreground.busy()) or self.background_due.due()
-        ):
-            self._decode(self.background)
+        if len(self.batch):
+            self._decode()
             worked = True
         return worked
 
+    def _clients_busy(self):
+        return self.model.foreground.count > 0 or self.model.foreground.busy()
+
     def _prefill(self):
         budget = self.prefill_tokens
-        running = len(self.foreground) + len(self.background)
+        running = len(self.batch)
         for seq in [seq for seq in self.waiting if seq.cancelled()]:  # queued ones too, not only those let in
             self.waiting.remove(seq)
             self._finish(seq, "cancelled")
-        order = sorted(self.waiting, key=lambda seq: seq.background)  # client requests first
-        together = {False: [], True: []}  # whole prompts, prefilled in one pass per kind (client, mirror)
-        for seq in order:
+        together = []  # whole prompts, prefilled in one pass
+        for seq in list(self.waiting):
             if budget <= 0 or running >= self.max_batch:
                 break
-            if seq.background and (len(self.foreground) or any(not s.background for s in self.waiting)):
-                continue  # a mirror joins only with spare capacity
-            group = together[seq.background]
-            width = max([len(s.prompt) for s in group], default=0)
-            cost = max(width, len(seq.prompt)) * (len(group) + 1) - width * len(group)  # padding costs too
+            width = max([len(s.prompt) for s in together], default=0)
+            cost = max(width, len(seq.prompt)) * (len(together) + 1) - width * len(together)  # padding costs too
             if seq.prefilled == 0 and cost <= budget:
-                group.append(seq)
+                together.append(seq)
                 budget -= cost
                 running += 1
                 continue
@@ -508,28 +519,27 @@ class Scheduler(threading.Thread):
             self.waiting.remove(seq)
             running += 1
             if self._emit(seq, self._sampled(seq, out.logits[0, -1, :].float())):
-                (self.background if seq.background else self.foreground).add(seq)
-        for background, group in together.items():
-            if group:
-                self._join_together(group, self.background if background else self.foreground)
+                self.batch.add(seq)
+        if together:
+            self._join_together(together)
         return budget < self.prefill_tokens
 
-    def _join_together(self, group, batch):
+    def _join_together(self, group):
         joining, logits = Batch.prefilled(self.model.model, group, self.model.device)
         for seq in group:
             self.waiting.remove(seq)
         joining.keep([seq for row, seq in enumerate(group) if self._emit(seq, self._sampled(seq, logits[row]))])
-        batch.join(joining)
+        self.batch.join(joining)
 
-    def _decode(self, batch):
-        logits = batch.step(self.model.model)
+    def _decode(self):
+        logits = self.batch.step(self.model.model)
         kept = []
-        for row, seq in enumerate(batch.seqs):
+        for row, seq in enumerate(self.batch.seqs):
             if seq.cancelled():
                 self._finish(seq, "cancelled")
             elif self._emit(seq, self._sampled(seq, logits[row])):
                 kept.append(seq)
-        batch.keep(kept)
+        self.batch.keep(kept)
 
     def _sampled(self, seq, logits):
         return self.model._sample(logits, seq.temperature, seq.top_p, seq.generator)
@@ -558,7 +568,10 @@ class Scheduler(threading.Thread):
 
     def _done(self, seq, finish):
         self.model.tally.add(len(seq.generated), finish == "cancelled")
-        if not seq.background:
+        self._left()
+
+    def _left(self):
+        if not self.background:
             self.model.foreground.enter(-1)
 
 

@@ -3,6 +3,7 @@ gateway, check health."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.common import kafka, topics
-from llmesh.common.events import ReleaseEvent, ReleaseMode, artifact_digests
+from llmesh.common.events import Provenance, ReleaseEvent, ReleaseMode, artifact_digests
 from llmesh.common.settings import KafkaSettings
 
 
@@ -24,6 +25,18 @@ def release_key() -> bytes | None:
         return key.encode()
     path = Path(os.environ.get("LLMESH_HOME", ".llmesh")) / "release.key"
     return path.read_text().strip().encode() if path.exists() else None
+
+
+BUILD_FILE = "llmesh_build.json"  # what `llmesh model build` writes beside the weights
+
+
+def build_provenance(artifacts: Path) -> Provenance | None:
+    """The lineage that `llmesh model build` recorded in the folder, if it did."""
+    path = artifacts / BUILD_FILE
+    if not path.is_file():
+        return None
+    declared = json.loads(path.read_text()).get("provenance")
+    return Provenance.model_validate(declared) if declared else None
 
 
 def release_for(model: str, version: int, artifacts: Path, **fields: object) -> ReleaseEvent:

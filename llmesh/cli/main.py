@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import grpc
 import typer
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -23,7 +24,7 @@ from llmesh import client
 from llmesh.cli import bench as bench_cli
 from llmesh.cli import eval as eval_cli
 from llmesh.cli import keys as keys_cli
-from llmesh.common.events import ReleaseMode
+from llmesh.common.events import Provenance, ReleaseMode
 from llmesh.common.settings import KafkaSettings, kafka_from_env
 from llmesh.stack import binaries, processes, stack, supervisor
 from llmesh.stack.layout import SERVICES, StackLayout
@@ -216,6 +217,7 @@ def models(
             state = common_pb2.VersionState.Name(entry.state).removeprefix("VERSION_STATE_")
             table.add_row(time.strftime("%H:%M:%S", time.localtime(entry.at)), str(entry.version), state, entry.reason)
         console.print(table)
+        console.print(_lineage(info))
         return
     reply = stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
     table = Table("model", "version", "state", "primary", "label", "reason")
@@ -224,6 +226,24 @@ def models(
             state = common_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_")
             table.add_row(info.name, str(v.version), state, "*" if v.version == info.primary_version else "", v.label, v.reason)
     console.print(table)
+
+
+def _lineage(info: gateway_pb2.ModelInfo) -> Table:
+    """Each version's author and provenance, as its release event declared them."""
+    table = Table("version", "author", "lineage", title=f"{info.name}: lineage")
+    for v in info.versions:
+        p = v.provenance
+        declared = [
+            f"base {p.base_model or 'none'}" + (f" ({p.base_model_digest[:12]})" if p.base_model_digest else ""),
+            f"data {p.training_data_digest[:12]}" if p.training_data_digest else "",
+            f"code {p.training_code_commit[:12]}" if p.training_code_commit else "",
+            f"run {p.training_run_id}" if p.training_run_id else "",
+            ", ".join(f"{k}={val:g}" for k, val in sorted(p.evaluation.items())),
+            ", ".join(f"{k}={val}" for k, val in sorted(p.tags.items())),
+        ]
+        lineage = "\n".join(escape(line) for line in declared if line) if v.HasField("provenance") else "not declared"
+        table.add_row(str(v.version), escape(v.author), lineage)
+    return table
 
 
 @model_app.command("build")
@@ -255,6 +275,13 @@ def release_publish(
     label: str = "",
     author: str = "",
     reason: str = "",
+    provenance: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="the version's lineage, a JSON or YAML file (base_model, base_model_digest, training_data_digest, "
+            "training_code_commit, training_run_id, evaluation, tags); default: what `llmesh model build` recorded"
+        ),
+    ] = None,
     bootstrap: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Kafka bootstrap (default: the local stack); TLS and SASL from LLMESH_KAFKA__*"),
@@ -273,8 +300,21 @@ def release_publish(
         except ValidationError as err:
             err_console.print(f"LLMESH_KAFKA__* settings are not valid: {err}", markup=False)
             raise typer.Exit(2) from err
+    try:
+        lineage = Provenance.model_validate(yaml.safe_load(provenance.read_text())) if provenance else None
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        err_console.print(f"--provenance {provenance}: {err}", markup=False)
+        raise typer.Exit(2) from err
     event = client.release_for(
-        model, version, artifacts, mode=mode, share_percent=share, label=label, author=author, reason=reason
+        model,
+        version,
+        artifacts,
+        mode=mode,
+        share_percent=share,
+        label=label,
+        author=author,
+        reason=reason,
+        provenance=lineage or client.build_provenance(artifacts),
     )
     asyncio.run(client.publish_release(kafka_settings, event))
     _say(f"published {event.event_id}: {model} v{version} ({mode.value})")

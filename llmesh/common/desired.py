@@ -53,6 +53,7 @@ def _record(state: ModelState, event: ReleaseEvent) -> VersionRecord:
         digest=event.content_digest(),
         event_id=event.event_id,
         author=event.author,
+        provenance=event.provenance,
     )
 
 

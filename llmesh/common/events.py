@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PrivateAttr, ValidationError, field_validator
 
 from llmesh.common import topics
 from llmesh.common.validation import MODEL_NAME_PATTERN
@@ -31,7 +31,45 @@ class InvalidEvent(ValueError):
 
 
 MAX_ARTIFACT_FILES = 256
+MAX_PROVENANCE_ENTRIES = 64  # evaluation results, and tags
 MAX_EVENT_BYTES = 256 * 1024  # 256 files with their digests and every text field at its limit fit in far less
+
+
+class Provenance(BaseModel):
+    """The lineage of a version, as its release event declares it (proto: llmesh.v1.Provenance)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(default="", max_length=512)
+    base_model_digest: str = Field(default="", max_length=128)
+    training_data_digest: str = Field(default="", max_length=128)
+    training_code_commit: str = Field(default="", max_length=128)
+    training_run_id: str = Field(default="", max_length=256)
+    evaluation: dict[str, FiniteFloat] = Field(default_factory=dict, max_length=MAX_PROVENANCE_ENTRIES)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=MAX_PROVENANCE_ENTRIES)
+
+    @field_validator("evaluation", "tags")
+    @classmethod
+    def _bounded_entries(cls, value: dict[str, object]) -> dict[str, object]:
+        for name, entry in value.items():
+            if not name or len(name) > 128 or (isinstance(entry, str) and len(entry) > 1024):
+                raise ValueError(f"{name[:80]!r}: names are 1-128 characters, values at most 1024")
+        return value
+
+    def to_proto(self) -> events_pb2.Provenance:
+        return events_pb2.Provenance(**self.model_dump())
+
+    @classmethod
+    def from_proto(cls, msg: events_pb2.Provenance) -> Provenance:
+        return cls(
+            base_model=msg.base_model,
+            base_model_digest=msg.base_model_digest,
+            training_data_digest=msg.training_data_digest,
+            training_code_commit=msg.training_code_commit,
+            training_run_id=msg.training_run_id,
+            evaluation=dict(msg.evaluation),
+            tags=dict(msg.tags),
+        )
 
 
 class ReleaseEvent(BaseModel):
@@ -49,6 +87,7 @@ class ReleaseEvent(BaseModel):
     reason: str = Field(default="", max_length=2048)
     signature: str = ""
     created_at: float = Field(default_factory=time.time)
+    provenance: Provenance | None = None
     _derived: frozenset[str] = PrivateAttr(default=frozenset())  # fields parse filled in: not signed
 
     @field_validator("sha256")
@@ -76,7 +115,7 @@ class ReleaseEvent(BaseModel):
     def canonical_bytes(self) -> bytes:
         """What the HMAC signature covers: every field but the signature (and but those the event
         did not carry and parse derived), as sorted JSON."""
-        exclude = {"signature", *self._derived}
+        exclude = {"signature", *self._derived, *(() if self.provenance else ("provenance",))}
         return json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
 
     def _mac(self, key: bytes) -> str:
@@ -96,8 +135,12 @@ class ReleaseEvent(BaseModel):
             )
 
     def to_proto(self) -> events_pb2.ReleaseEvent:
-        data = self.model_dump(exclude={"mode"})
-        return events_pb2.ReleaseEvent(**data, mode=events_pb2.ReleaseMode.Value(f"RELEASE_MODE_{self.mode.name}"))
+        data = self.model_dump(exclude={"mode", "provenance"})
+        return events_pb2.ReleaseEvent(
+            **data,
+            mode=events_pb2.ReleaseMode.Value(f"RELEASE_MODE_{self.mode.name}"),
+            provenance=self.provenance.to_proto() if self.provenance else None,
+        )
 
     def content_digest(self) -> str:
         """The version's identity by content: sha256 over every artifact's name and sha256."""
@@ -119,6 +162,7 @@ class ReleaseEvent(BaseModel):
             reason=msg.reason,
             signature=msg.signature,
             created_at=msg.created_at or (0.0 if derived_id else time.time()),
+            provenance=Provenance.from_proto(msg.provenance) if msg.HasField("provenance") else None,
         )
 
     @classmethod

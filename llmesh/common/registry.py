@@ -29,6 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.typing import EncodableT, FieldT
 
+from llmesh.common.events import Provenance
 from llmesh.common.validation import InvalidRequest, parse_model_ref
 from llmesh.v1 import common_pb2
 
@@ -142,6 +143,7 @@ class VersionRecord(BaseModel):
     author: str = ""
     reason: str = ""
     updated_at: float = 0.0
+    provenance: Provenance | None = None
 
     def state_enum(self) -> common_pb2.VersionState.ValueType:
         return common_pb2.VersionState.Value(f"VERSION_STATE_{self.state}")

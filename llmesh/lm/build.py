@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +142,17 @@ def ensure_chat_template(folder: Path) -> bool:
     return True
 
 
+def _code_commit() -> str:
+    """The commit of this code when it runs from a git checkout ('' otherwise)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10, check=False
+        )
+    except OSError:
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def build_model(recipe: ModelRecipe, out_dir: Path, progress: Callable[[int, float], None] | None = None) -> dict[str, object]:
     """Train per `recipe` and write config, safetensors weights, tokenizer.json and tokenizer_config.json
     (with DEMO_CHAT_TEMPLATE) into `out_dir`."""
@@ -157,12 +169,22 @@ def build_model(recipe: ModelRecipe, out_dir: Path, progress: Callable[[int, flo
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
     fast.chat_template = DEMO_CHAT_TEMPLATE
     fast.save_pretrained(out_dir, save_jinja_files=False)  # the template in tokenizer_config.json, not chat_template.jinja
+    weights = weights_digest(model)
     summary: dict[str, object] = {
         "recipe": recipe.model_dump(),
         "final_loss": round(final_loss, 4),
-        "weights_sha256": weights_digest(model),
+        "weights_sha256": weights,
         "corpus_tokens": len(ids),
         "build_seconds": round(time.perf_counter() - started, 2),
+        # what a release of this folder declares as its lineage (llmesh.client.build_provenance)
+        "provenance": {
+            "base_model": "",  # trained from scratch
+            "training_data_digest": hashlib.sha256(text.encode()).hexdigest(),
+            "training_code_commit": _code_commit(),
+            "training_run_id": f"seed{recipe.seed}-{weights[:12]}",
+            "evaluation": {"final_loss": round(final_loss, 4)},
+            "tags": {"builder": "llmesh model build", "steps": str(recipe.steps)},
+        },
     }
     (out_dir / "llmesh_build.json").write_text(json.dumps(summary, indent=2))
     return summary

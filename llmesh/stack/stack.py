@@ -212,8 +212,15 @@ async def _publish_first_release(layout: StackLayout, report: Report, timeout: f
     try:
         primary = await registry.primary(DEMO_MODEL)
         if not primary:
+            folder = demo_model_dir(layout.models_dir, 1)
             event = client.release_for(
-                DEMO_MODEL, 1, demo_model_dir(layout.models_dir, 1), label="demo-v1", author="llmesh up", reason="first release"
+                DEMO_MODEL,
+                1,
+                folder,
+                label="demo-v1",
+                author="llmesh up",
+                reason="first release",
+                provenance=client.build_provenance(folder),
             )
             await client.publish_release(layout.address("broker"), event)
             report(f"published release {DEMO_MODEL} v1; waiting for infer to load it in Triton")

@@ -425,6 +425,7 @@ class ReleaseEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -442,6 +443,10 @@ class ReleaseEvent(_message.Message):
     def sha256(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """artifact file name -> hex digest"""
 
+    @_builtins.property
+    def provenance(self) -> Global___Provenance:
+        """optional: where the version came from (covered by the signature)"""
+
     def __init__(
         self,
         *,
@@ -457,14 +462,102 @@ class ReleaseEvent(_message.Message):
         reason: _builtins.str = ...,
         signature: _builtins.str = ...,
         created_at: _builtins.float = ...,
+        provenance: Global___Provenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "author", b"author", "created_at", b"created_at", "event_id", b"event_id", "label", b"label", "mode", b"mode", "model", b"model", "reason", b"reason", "sha256", b"sha256", "share_percent", b"share_percent", "signature", b"signature", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "author", b"author", "created_at", b"created_at", "event_id", b"event_id", "label", b"label", "mode", b"mode", "model", b"model", "provenance", b"provenance", "reason", b"reason", "sha256", b"sha256", "share_percent", b"share_percent", "signature", b"signature", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseEvent: _TypeAlias = ReleaseEvent  # noqa: Y015
+
+@_typing.final
+class Provenance(_message.Message):
+    """The lineage of a version, as its release event declares it; the registry keeps it per version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EvaluationEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_DIGEST_FIELD_NUMBER: _builtins.int
+    TRAINING_DATA_DIGEST_FIELD_NUMBER: _builtins.int
+    TRAINING_CODE_COMMIT_FIELD_NUMBER: _builtins.int
+    TRAINING_RUN_ID_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    base_model: _builtins.str
+    """what it was trained or fine-tuned from ("" when from scratch)"""
+    base_model_digest: _builtins.str
+    """sha256 of the base model's artifacts"""
+    training_data_digest: _builtins.str
+    """sha256 of the training data"""
+    training_code_commit: _builtins.str
+    """the commit of the training code"""
+    training_run_id: _builtins.str
+    @_builtins.property
+    def evaluation(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """evaluation results by metric name"""
+
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        base_model: _builtins.str = ...,
+        base_model_digest: _builtins.str = ...,
+        training_data_digest: _builtins.str = ...,
+        training_code_commit: _builtins.str = ...,
+        training_run_id: _builtins.str = ...,
+        evaluation: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_digest", b"base_model_digest", "evaluation", b"evaluation", "tags", b"tags", "training_code_commit", b"training_code_commit", "training_data_digest", b"training_data_digest", "training_run_id", b"training_run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
 
 @_typing.final
 class ModelStatusEvent(_message.Message):

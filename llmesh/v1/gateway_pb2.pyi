@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from llmesh.v1 import common_pb2 as _common_pb2
+from llmesh.v1 import events_pb2 as _events_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -239,6 +240,8 @@ class ModelVersionInfo(_message.Message):
     ARTIFACT_URI_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     state: _common_pb2.VersionState.ValueType
     label: _builtins.str
@@ -246,6 +249,10 @@ class ModelVersionInfo(_message.Message):
     reason: _builtins.str
     updated_at: _builtins.float
     """unix seconds"""
+    author: _builtins.str
+    """as the release event that made it says"""
+    @_builtins.property
+    def provenance(self) -> _events_pb2.Provenance: ...
     def __init__(
         self,
         *,
@@ -255,10 +262,12 @@ class ModelVersionInfo(_message.Message):
         artifact_uri: _builtins.str = ...,
         reason: _builtins.str = ...,
         updated_at: _builtins.float = ...,
+        author: _builtins.str = ...,
+        provenance: _events_pb2.Provenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "label", b"label", "reason", b"reason", "state", b"state", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "author", b"author", "label", b"label", "provenance", b"provenance", "reason", b"reason", "state", b"state", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

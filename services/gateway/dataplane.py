@@ -153,6 +153,8 @@ class DataPlane:
                 artifact_uri=r.artifact_uri,
                 reason=r.reason,
                 updated_at=r.updated_at,
+                author=r.author,
+                provenance=r.provenance.to_proto() if r.provenance else None,
             )
         for entry in await self.registry.history(name) if with_history else []:
             info.history.add(

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from llmesh import client
-from llmesh.common.events import ReleaseEvent, ReleaseMode
+from llmesh.common.events import Provenance, ReleaseEvent, ReleaseMode
 from llmesh.loadgen import GatewayLoad, LoadRun, wait_for_primary
 from llmesh.v1 import common_pb2, gateway_pb2, infer_pb2, infer_pb2_grpc, tokenize_pb2, tokenize_pb2_grpc
 from tests.e2e.kafka_tools import release_dead_letter
@@ -158,14 +158,25 @@ def test_refused_release_is_dead_lettered_and_serving_is_untouched(mesh, gateway
 def test_release_as_json_from_a_plain_kafka_client_is_applied(mesh, gateway, models_dir):
     confluent_kafka = pytest.importorskip("confluent_kafka")
     model = "json"
-    event = client.release_for(model, 3, models_dir / "chat-v2", label="from-json", author="confluent-kafka")
+    lineage = Provenance(
+        base_model="chat",
+        base_model_digest="ab" * 32,
+        training_data_digest="cd" * 32,
+        training_code_commit="0123456789abcdef",
+        training_run_id="run-42",
+        evaluation={"rouge_l": 0.61},
+        tags={"team": "search"},
+    )
+    event = client.release_for(model, 3, models_dir / "chat-v2", label="from-json", author="confluent-kafka", provenance=lineage)
     producer = confluent_kafka.Producer({"bootstrap.servers": mesh.address("broker")})
     producer.produce("llmesh.releases", key=model, value=event.model_dump_json(), headers={"content-type": "application/json"})
     assert producer.flush(10) == 0
     wait_for_primary(gateway, model, 3, timeout=120)
     _answers_with(gateway, 3, model)
     info = gateway.GetModel(gateway_pb2.GetModelRequest(name=model), timeout=5)
-    assert {v.version: v.label for v in info.versions}[3] == "from-json"
+    (version,) = [v for v in info.versions if v.version == 3]
+    assert (version.label, version.author) == ("from-json", "confluent-kafka")
+    assert Provenance.from_proto(version.provenance) == lineage  # the lineage is kept with the version
 
 
 def _loaded(mesh) -> set[tuple[str, int]]:

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from llmesh.common import topics
-from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
+from llmesh.common.events import InvalidEvent, Provenance, ReleaseEvent, ReleaseMode
 
 DIGEST = "a" * 64
 
@@ -95,10 +95,63 @@ def test_a_hand_written_event_is_signed_over_the_fields_it_carries():
     import json
 
     fields = {"model": "chat", "version": 2, "artifact_uri": "/m", "mode": "swap"}
-    canonical = ReleaseEvent.model_validate(fields).model_dump(mode="json", exclude={"event_id", "created_at", "signature"})
+    exclude = {"event_id", "created_at", "signature", "provenance"}  # provenance: signed only when present
+    canonical = ReleaseEvent.model_validate(fields).model_dump(mode="json", exclude=exclude)
     signature = hmac.new(b"key", json.dumps(canonical, sort_keys=True).encode(), hashlib.sha256).hexdigest()
     event = ReleaseEvent.parse(json.dumps(fields | {"signature": signature}).encode(), topics.CONTENT_TYPE_JSON, place="p")
     event.check_signature(b"key")
     forged = ReleaseEvent.parse(json.dumps(fields | {"version": 3, "signature": signature}).encode(), "", place="p")
     with pytest.raises(InvalidEvent, match="bad signature"):
         forged.check_signature(b"key")
+
+
+LINEAGE = Provenance(
+    base_model="gpt2",
+    base_model_digest=DIGEST,
+    training_data_digest="b" * 64,
+    training_code_commit="c" * 40,
+    training_run_id="run-7",
+    evaluation={"rouge_l": 0.42, "loss": 1.5},
+    tags={"team": "search"},
+)
+
+
+def test_provenance_travels_in_both_wire_forms():
+    event = ReleaseEvent(model="chat", version=3, artifact_uri="/m", provenance=LINEAGE)
+    assert ReleaseEvent.from_proto(event.to_proto()) == event
+    assert ReleaseEvent.parse(event.model_dump_json().encode(), topics.CONTENT_TYPE_JSON) == event
+    assert not ReleaseEvent(model="chat", version=3, artifact_uri="/m").to_proto().HasField("provenance")
+
+
+def test_the_signature_covers_the_provenance_and_events_without_one_sign_as_before():
+    event = ReleaseEvent(model="chat", version=1, artifact_uri="/m", provenance=LINEAGE).signed(b"key")
+    forged = event.model_copy(update={"provenance": LINEAGE.model_copy(update={"training_data_digest": "d" * 64})})
+    with pytest.raises(InvalidEvent, match="bad signature"):
+        forged.check_signature(b"key")
+    plain = ReleaseEvent(model="chat", version=1, artifact_uri="/m")
+    assert "provenance" not in json.loads(plain.canonical_bytes())  # signatures made before lineage existed still hold
+
+
+@pytest.mark.parametrize(
+    ("provenance", "reason"),
+    [
+        ({"evaluation": {"loss": "NaN"}}, "finite"),
+        ({"tags": {f"t{i}": "x" for i in range(65)}}, "at most 64"),
+        ({"tags": {"": "x"}}, "1-128 characters"),
+        ({"tags": {"t": "x" * 1025}}, "at most 1024"),
+        ({"training_run_id": "r" * 257}, "at most 256"),
+        ({"builder": "me"}, "builder"),
+    ],
+)
+def test_a_bad_provenance_is_refused_with_a_reason(provenance, reason):
+    payload = json.dumps({"model": "chat", "version": 1, "artifact_uri": "/m", "provenance": provenance}).encode()
+    with pytest.raises(InvalidEvent, match=reason):
+        ReleaseEvent.parse(payload, topics.CONTENT_TYPE_JSON)
+
+
+def test_a_demo_build_declares_its_lineage(tmp_path):
+    from llmesh import client
+
+    assert client.build_provenance(tmp_path) is None
+    (tmp_path / client.BUILD_FILE).write_text(json.dumps({"final_loss": 5.1, "provenance": LINEAGE.model_dump()}))
+    assert client.build_provenance(tmp_path) == LINEAGE

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from llmesh import client
 from llmesh.lm.build import DEMO_CHAT_TEMPLATE, ModelRecipe, build_model, ensure_chat_template
 
 TINY = ModelRecipe(steps=3, vocab_size=300, n_layer=1, n_embd=32, n_head=2, context=64, seq_len=32, batch_size=4)
@@ -34,6 +35,9 @@ def test_folder_loads_with_the_standard_auto_classes(built):
     assert model.config.n_positions == 64
     assert tokenizer.decode(tokenizer("Return the value.")["input_ids"]) == "Return the value."
     assert json.loads((out / "llmesh_build.json").read_text())["weights_sha256"] == summary["weights_sha256"]
+    lineage = client.build_provenance(out)  # what a release of the folder declares
+    assert lineage is not None and lineage.training_run_id.endswith(str(summary["weights_sha256"])[:12])
+    assert len(lineage.training_data_digest) == 64 and lineage.evaluation == {"final_loss": summary["final_loss"]}
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == DEMO_CHAT_TEMPLATE
     assert not (out / "chat_template.jinja").exists()
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Return the value."}]

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmesh.common.desired import ModelState, transition
-from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
+from llmesh.common.events import InvalidEvent, Provenance, ReleaseEvent, ReleaseMode
 from llmesh.common.registry import Routing, VersionRecord, VersionState
 
 SHA = {"config.json": "a" * 64, "model.safetensors": "b" * 64, "tokenizer.json": "c" * 64}
@@ -126,3 +126,13 @@ def test_the_transition_is_deterministic(events):
         return seen
 
     assert run() == run()
+
+
+def test_a_new_version_keeps_the_author_and_lineage_its_event_declared():
+    lineage = Provenance(base_model="chat@1", training_data_digest="e" * 64, evaluation={"rouge_l": 0.5})
+    event = _event(2).model_copy(update={"author": "ci-pipeline", "provenance": lineage})
+    step = transition(_serving(1), event)
+    assert step.new_version is not None
+    assert (step.new_version.author, step.new_version.provenance) == ("ci-pipeline", lineage)
+    stored = VersionRecord.model_validate_json(step.new_version.model_dump_json())  # as the registry keeps it
+    assert stored.provenance == lineage

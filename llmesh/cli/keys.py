@@ -3,45 +3,48 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from llmesh.cli.stackredis import HomeOpt, RedisOpt, redis_url_of
 from llmesh.common.apikeys import ApiKey, ApiKeyStore, Scope, Usage
-from llmesh.stack.layout import StackLayout
+from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
 
 app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
 T = TypeVar("T")
 
-RedisOpt = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option(envvar="LLMESH_REDIS_URL", help="Redis of the mesh (default: the local stack's)"),
-]
-HomeOpt = Annotated[Path, typer.Option(envvar="LLMESH_HOME", help="the embedded stack's folder")]
-
 
 def _run(redis_url: str | None, home: Path, work: Callable[[ApiKeyStore], Awaitable[T]]) -> T:
-    if redis_url is None:
-        layout = StackLayout.load(home.resolve())
-        if layout is None:
-            console.print(f"no stack in {home} and no --redis-url")
-            raise typer.Exit(2)
-        redis_url = layout.redis_url
+    url = redis_url_of(redis_url, home)
 
     async def run() -> T:
-        store = ApiKeyStore.from_url(redis_url)
+        store = ApiKeyStore.from_url(url)
         try:
             return await work(store)
         finally:
             await store.close()
 
     return asyncio.run(run())
+
+
+async def _audit(store: ApiKeyStore, action: AuditAction, key: ApiKey, reason: str) -> None:
+    """Keys are made and revoked with Redis access, not through an API: the actor is the OS user."""
+    entry = AuditEntry(
+        action=action,
+        source=AuditSource.CLI,
+        actor=getpass.getuser(),
+        reason=reason,
+        details={"key_id": key.id, "key_name": key.name},
+    )
+    await AuditTrail(store.redis).append(entry)
 
 
 @app.command()
@@ -54,7 +57,13 @@ def create(
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
     """Make a key; its secret is printed once (send it as `x-api-key` or `authorization: Bearer`)."""
-    key, secret = _run(redis_url, home, lambda store: store.create(name, scope, rps, tokens_per_minute))
+
+    async def work(store: ApiKeyStore) -> tuple[ApiKey, str]:
+        key, secret = await store.create(name, scope, rps, tokens_per_minute)
+        await _audit(store, AuditAction.KEY_CREATED, key, f"scopes {','.join(key.scopes)}")
+        return key, secret
+
+    key, secret = _run(redis_url, home, work)
     console.print(f"key {key.id} ({', '.join(key.scopes)}) for {name}")
     print(secret)
 
@@ -90,7 +99,14 @@ def revoke(
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
     """Revoke a key: gateways refuse it within seconds."""
-    key = _run(redis_url, home, lambda store: store.revoke(key_id))
+
+    async def work(store: ApiKeyStore) -> ApiKey | None:
+        key = await store.revoke(key_id)
+        if key is not None:
+            await _audit(store, AuditAction.KEY_REVOKED, key, "revoked")
+        return key
+
+    key = _run(redis_url, home, work)
     if key is None:
         console.print(f"no key {key_id}")
         raise typer.Exit(1)

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmesh import client
+from llmesh.cli import audit as audit_cli
 from llmesh.cli import bench as bench_cli
 from llmesh.cli import eval as eval_cli
 from llmesh.cli import keys as keys_cli
@@ -41,6 +42,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(release_app, name="release")
 app.add_typer(eval_cli.app, name="eval")
 app.add_typer(keys_cli.app, name="keys")
+app.add_typer(audit_cli.app, name="audit")
 app.command("bench")(bench_cli.bench)
 console = Console()
 err_console = Console(stderr=True)

@@ -19,6 +19,7 @@ from prometheus_client import Counter, Gauge
 
 from llmesh.common import kafka, topics
 from llmesh.common.apikeys import ApiKeyStore, Scope
+from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
 from llmesh.common.events import ReleaseEvent, ReleaseMode
 from llmesh.common.keycheck import CALLER
 from llmesh.common.registry import Registry
@@ -59,6 +60,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         self.stats = GenerationStats()
         self.registry = Registry.from_url(settings.redis_url)
         self.keys = ApiKeyStore(self.registry.redis)
+        self.audit = AuditTrail(self.registry.redis)
         self.join = PairJoin(self.registry.redis, settings.join_ttl_s)
         self.scores = CandidateScores(self.registry.redis)
         self.policy = PromotionPolicy.load(settings.policy_file)
@@ -227,6 +229,20 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             at=time.time(),
         )
         await self.outbox.send(decision, topics.EVAL_DECISIONS, model)
+        await self.audit.append(
+            AuditEntry(
+                id=f"{AuditAction.POLICY_DECISION}:{event.event_id}",
+                action=AuditAction.POLICY_DECISION,
+                source=AuditSource.EVAL_POLICY,
+                actor=event.author,
+                model=model,
+                version=stats.candidate_version,
+                reason=reason,
+                event_id=event.event_id,
+                details={"action": verdict.action, "mode": stats.mode, "samples": str(stats.pairs)}
+                | {f: f"{v:.4g}" for f, v in decision.figures.items()},
+            )
+        )
         await self.registry.note(model, stats.candidate_version, record.state, reason)
         DECISIONS.labels(model, verdict.action).inc()
         log.info(

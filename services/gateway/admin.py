@@ -6,7 +6,9 @@ import grpc
 from faststream.kafka import KafkaBroker
 
 from llmesh.common import kafka, topics
+from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
 from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
+from llmesh.common.keycheck import CALLER
 from llmesh.common.registry import Registry
 from llmesh.common.validation import bounded, shown
 from llmesh.v1 import events_pb2, gateway_pb2, gateway_pb2_grpc
@@ -17,6 +19,7 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
         self.registry = registry
         self.broker = broker
         self.release_key = release_key  # the gateway signs the rollback events it makes
+        self.audit = AuditTrail(registry.redis)
 
     async def PublishRelease(
         self, request: events_pb2.ReleaseEvent, context: grpc.aio.ServicerContext
@@ -26,7 +29,7 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
         except ValueError as err:  # pydantic's ValidationError is a ValueError
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(f"invalid release event: {err}"))
             raise
-        return await self._publish(event)
+        return await self._publish(event, AuditAction.RELEASE_REQUESTED)
 
     async def Rollback(
         self, request: gateway_pb2.RollbackRequest, context: grpc.aio.ServicerContext
@@ -54,9 +57,24 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
         except (ValueError, InvalidEvent) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(err)))
             raise
-        return await self._publish(event.signed(self.release_key))
+        return await self._publish(event.signed(self.release_key), AuditAction.ROLLBACK_REQUESTED)
 
-    async def _publish(self, event: ReleaseEvent) -> gateway_pb2.PublishReleaseResponse:
+    async def _publish(self, event: ReleaseEvent, action: AuditAction) -> gateway_pb2.PublishReleaseResponse:
         value, key, headers = kafka.release_record(event)
         await self.broker.publish(value, topics.RELEASES, key=key, headers=headers)
+        caller = CALLER.get()  # None when keys are not required
+        await self.audit.append(
+            AuditEntry(
+                id=f"{action}:{event.event_id}",
+                action=action,
+                source=AuditSource.ADMIN_API,
+                actor=caller.name if caller else event.author,
+                actor_key_id=caller.id if caller else "",
+                model=event.model,
+                version=event.version,
+                reason=event.reason,
+                event_id=event.event_id,
+                details={"mode": event.mode.value, "author": event.author},
+            )
+        )
         return gateway_pb2.PublishReleaseResponse(event_id=event.event_id, model=event.model, version=event.version)

@@ -15,11 +15,13 @@ from dataclasses import replace
 
 from prometheus_client import Histogram
 
+from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
 from llmesh.common.desired import ModelState, transition
 from llmesh.common.events import InvalidEvent, ReleaseEvent
 from llmesh.common.registry import EventClaim, Registry, Routing, VersionRecord, VersionState, tokenizer_file_names
 from llmesh.common.tasks import cancel
 from llmesh.common.tokenizers import TokenizerCatalog
+from llmesh.common.validation import bounded
 from services.infer.reconcile import Reconciler, VersionStates
 from services.infer.repository import ModelStore, verify_release
 from services.infer.settings import InferSettings
@@ -47,15 +49,18 @@ class ReleaseApplier:
     async def handle(self, event: ReleaseEvent, offset: int) -> bool:
         """Apply `event` unless it was applied (True if this replica applied it). Raises InvalidEvent
         in the one replica that refuses it first: that one dead-letters it."""
+        signed = False
         try:
             event.check_signature(self.settings.release_key())
+            signed = True
             claim = await self._claim(event, offset)
             if claim is EventClaim.REPLAY:
                 return False
             if claim is EventClaim.DUPLICATE:
                 raise InvalidEvent(f"duplicate event id {event.event_id}: it was applied already")
-        except InvalidEvent:
+        except InvalidEvent as err:
             if await self.registry.mark_refused(event.event_id, offset):
+                await self._audit(AuditAction.RELEASE_REFUSED, event, offset, str(err), signed)
                 raise
             return False
         holding = asyncio.create_task(self._hold(event.event_id))
@@ -64,12 +69,33 @@ class ReleaseApplier:
         except BaseException as err:
             await cancel(holding)
             first = isinstance(err, InvalidEvent) and await self.registry.mark_refused(event.event_id, offset)
+            if first:
+                await self._audit(AuditAction.RELEASE_REFUSED, event, offset, str(err), signed)
             await self.registry.release_claim(event.event_id)  # after marking: no replica applies it meanwhile
             if first or not isinstance(err, InvalidEvent):
                 raise
             return False
         await cancel(holding)
+        await self._audit(AuditAction.RELEASE_APPLIED, event, offset, event.reason, signed)
         return True
+
+    async def _audit(self, action: AuditAction, event: ReleaseEvent, offset: int, reason: str, signed: bool) -> None:
+        """One entry per event and outcome, whichever replica got there (a replay adds nothing). The
+        author of an event whose signature failed is only a claim: it is kept apart, not as the actor."""
+        entry = AuditEntry(
+            id=f"{action}:{event.event_id}:{offset}",
+            action=action,
+            source=AuditSource.KAFKA,
+            actor=event.author if signed else "",
+            model=event.model,
+            version=event.version,
+            reason=bounded(reason),
+            event_id=event.event_id,
+            offset=offset,
+            details={"mode": event.mode.value, "share_percent": str(event.share_percent), "label": event.label}
+            | ({} if signed else {"claimed_author": event.author}),
+        )
+        await AuditTrail(self.registry.redis).append(entry)
 
     async def _hold(self, event_id: str) -> None:
         while True:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmesh.common.audit import AuditEntry
 from llmesh.stack import processes, stack
 from llmesh.stack.layout import StackLayout, free_port
 
@@ -91,15 +92,24 @@ def start_keyed_gateway(mesh: StackLayout, name: str, folder: Path, **env: str) 
     return KeyedGateway(name, address, f"https://127.0.0.1:{http_port}/v1", cert, f"127.0.0.1:{metrics_port}")
 
 
-def keys_cli(mesh: StackLayout, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "llmesh.cli", "keys", *args, "--redis-url", mesh.redis_url],
+def cli(mesh: StackLayout, command: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`llmesh <command> *args` against the stack's Redis."""
+    return subprocess.run(
+        [sys.executable, "-m", "llmesh.cli", command, *args, "--redis-url", mesh.redis_url],
         capture_output=True,
         text=True,
-        check=True,
+        check=check,
         timeout=60,
     )
-    return out.stdout
+
+
+def keys_cli(mesh: StackLayout, *args: str) -> str:
+    return cli(mesh, "keys", *args).stdout
+
+
+def audit_entries(mesh: StackLayout, *args: str) -> list[AuditEntry]:
+    """`llmesh audit --json` (with `args`), parsed."""
+    return [AuditEntry.model_validate_json(line) for line in cli(mesh, "audit", "--json", *args).stdout.splitlines()]
 
 
 def new_key(mesh: StackLayout, *args: str) -> tuple[str, str]:

@@ -14,10 +14,12 @@ import grpc
 import pytest
 
 from llmesh import client
+from llmesh.common.audit import AuditAction, AuditSource
 from llmesh.common.events import ReleaseMode
 from llmesh.lm.build import BAD_RECIPE, build_model
 from llmesh.loadgen import GatewayLoad, wait_for_primary
 from llmesh.v1 import common_pb2, eval_pb2, eval_pb2_grpc, gateway_pb2
+from tests.e2e.gateways import audit_entries
 
 pytestmark = pytest.mark.slow
 PROMPTS = [f"{p} {i}" for i in range(5) for p in ("Return the number of", "This module provides", "Create a new")]
@@ -130,6 +132,12 @@ def test_candidate_equal_to_the_primary_is_promoted(mesh, gateway, models_dir):
     assert "policy promote" in record.reason
     info = gateway.GetModel(gateway_pb2.GetModelRequest(name=model), timeout=5)
     assert (info.primary_version, info.previous_version) == (2, 1)
+    trail = audit_entries(mesh, "--model", model)
+    (decision,) = [e for e in trail if e.action == AuditAction.POLICY_DECISION]
+    assert (decision.source, decision.version, decision.details["action"]) == (AuditSource.EVAL_POLICY, 2, "promote")
+    assert float(decision.details["rouge_l"]) > 0 and decision.details["samples"].isdigit()
+    (applied,) = [e for e in trail if e.action == AuditAction.RELEASE_APPLIED and e.event_id == decision.event_id]
+    assert applied.actor == "llmesh-eval policy"  # the promotion the decision published, applied
 
 
 def test_canary_share_over_1000_requests_and_stickiness(mesh, gateway, models_dir):

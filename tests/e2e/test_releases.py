@@ -19,6 +19,7 @@ from llmesh import client
 from llmesh.common.events import Provenance, ReleaseEvent, ReleaseMode
 from llmesh.loadgen import GatewayLoad, LoadRun, wait_for_primary
 from llmesh.v1 import common_pb2, gateway_pb2, infer_pb2, infer_pb2_grpc, tokenize_pb2, tokenize_pb2_grpc
+from tests.e2e.gateways import audit_entries
 from tests.e2e.kafka_tools import release_dead_letter
 from tests.e2e.restarts import kill_and_restart
 
@@ -139,8 +140,11 @@ REFUSALS = {
     ),
     "corrupt artifact": (_corrupt, "sha256 mismatch for model.safetensors"),
     "pickled weights": (_pickled, "pickled weights are refused"),
-    "bad signature": (lambda d: client.release_for(MODEL, 10, d).signed(b"not-the-key"), "bad signature"),
-    "unsigned": (lambda d: client.release_for(MODEL, 10, d).model_copy(update={"signature": ""}), "unsigned event"),
+    "bad signature": (lambda d: client.release_for(MODEL, 10, d, author="mallory").signed(b"not-the-key"), "bad signature"),
+    "unsigned": (
+        lambda d: client.release_for(MODEL, 10, d, author="mallory").model_copy(update={"signature": ""}),
+        "unsigned event",
+    ),
     "unknown model": (lambda d: client.release_for("ghost", 1, d, mode=ReleaseMode.ROLLBACK), "unknown model 'ghost'"),
     "load failure in Triton": (_unloadable, "Triton could not load"),
 }
@@ -153,6 +157,12 @@ def test_refused_release_is_dead_lettered_and_serving_is_untouched(mesh, gateway
     assert reason in release_dead_letter(mesh.address("broker"), event.event_id)
     assert gateway.GetModel(gateway_pb2.GetModelRequest(name=MODEL), timeout=5).primary_version == 1
     _answers_with(gateway, 1)
+    (refused,) = [
+        e for e in audit_entries(mesh, "--model", event.model) if (e.action, e.event_id) == ("release.refused", event.event_id)
+    ]
+    assert reason in refused.reason and refused.offset >= 0
+    if "sign" in reason:  # a forged event's author is a claim, never the actor
+        assert (refused.actor, refused.details["claimed_author"]) == ("", "mallory")
 
 
 def test_release_as_json_from_a_plain_kafka_client_is_applied(mesh, gateway, models_dir):

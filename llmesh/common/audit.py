@@ -23,9 +23,12 @@ import redis.asyncio as redis
 from pydantic import BaseModel, ConfigDict, Field
 from redis import exceptions
 
+from llmesh.v1 import events_pb2
+
 LOG_KEY = "llmesh:audit:log"  # list of AuditEntry JSON, oldest first
 HEAD_KEY = "llmesh:audit:head"  # {"count": n, "digest": the last entry's digest}
 IDS_KEY = "llmesh:audit:ids"  # set of entry ids appended
+EXPORTED_KEY = "llmesh:audit:exported"  # how many entries (from the oldest) are on the audit topic
 GENESIS = "0" * 64  # what the first entry's `previous` is
 
 
@@ -63,6 +66,9 @@ class AuditEntry(BaseModel):
     details: dict[str, str] = Field(default_factory=dict)
     previous: str = ""  # set by append: the digest of the entry before
     digest: str = ""  # set by append: sha256 over every other field
+
+    def to_proto(self) -> events_pb2.AuditRecord:
+        return events_pb2.AuditRecord(**self.model_dump(mode="json"))
 
     def chained(self, previous: str) -> AuditEntry:
         linked = self.model_copy(update={"previous": previous, "digest": ""})
@@ -123,6 +129,24 @@ class AuditTrail:
 
     async def verify(self) -> list[str]:
         return verify(await self.entries(), await _head(self.redis))
+
+    async def unexported(self, limit: int = 500) -> tuple[int, list[AuditEntry]]:
+        """(the count exported so far, the next entries to export, in chain order)."""
+        done = int(await self.redis.get(EXPORTED_KEY) or 0)
+        raw = await self.redis.lrange(LOG_KEY, done, done + limit - 1)
+        return done, [AuditEntry.model_validate_json(r) for r in raw]
+
+    async def mark_exported(self, before: int, count: int) -> None:
+        """Move the export cursor from `before` by `count`, unless another exporter moved it meanwhile."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(EXPORTED_KEY)
+                if int(await pipe.get(EXPORTED_KEY) or 0) == before:
+                    pipe.multi()
+                    pipe.set(EXPORTED_KEY, before + count)
+                    await pipe.execute()
+            except exceptions.WatchError:
+                pass  # the other exporter's move stands; it published the same entries (at least once)
 
 
 async def _head(client: redis.Redis | redis.client.Pipeline) -> Head:

@@ -109,7 +109,8 @@ async def ensure_topics(settings: KafkaSettings, extra: Mapping[str, int] | None
 
 
 def _configs(spec: topics.TopicSpec) -> dict[str, str]:
-    return {"cleanup.policy": "compact"} if spec.compacted else {}
+    configs = {"cleanup.policy": "compact"} if spec.compacted else {}
+    return configs | ({"retention.ms": str(spec.retention_ms)} if spec.retention_ms else {})
 
 
 MessageHandler = Callable[[KafkaMessage], Awaitable[None]]

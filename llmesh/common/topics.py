@@ -14,6 +14,7 @@ DEAD_LETTER = "llmesh.dlq"  # original payload + reason headers
 SHADOW_RESULTS = "llmesh.shadow.results"  # infer -> eval (TextChunk of a shadow candidate)
 EVAL_DECISIONS = "llmesh.eval.decisions"  # eval -> anyone (PolicyDecision)
 INFER_CANCELS = "llmesh.infer.cancels"  # gateway -> every infer replica (CancelTask)
+AUDIT = "llmesh.audit"  # eval -> anyone (AuditRecord, the audit trail in chain order); never compacted
 SHADOW_SUFFIX = ".shadow"  # a mirrored request's id is the primary's id plus this
 
 
@@ -22,6 +23,7 @@ class TopicSpec:
     name: str
     partitions: int
     compacted: bool = False
+    retention_ms: int = 0  # 0: the broker's default; -1: for ever
 
 
 # Partition counts are final: the embedded broker cannot add partitions later.
@@ -35,6 +37,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(SHADOW_RESULTS, 2),
     TopicSpec(EVAL_DECISIONS, 1),
     TopicSpec(INFER_CANCELS, 1),
+    TopicSpec(AUDIT, 1, retention_ms=-1),
 )
 REPLY_PARTITIONS = 1
 

@@ -388,6 +388,96 @@ class PolicyDecision(_message.Message):
 Global___PolicyDecision: _TypeAlias = PolicyDecision  # noqa: Y015
 
 @_typing.final
+class AuditRecord(_message.Message):
+    """Topic llmesh.audit (eval -> anyone; never compacted, kept for ever by default), key = entry id:
+    the audit trail in chain order (llmesh/common/audit.py), at least once: readers drop an id seen.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTOR_KEY_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    at: _builtins.float
+    action: _builtins.str
+    """release.applied, release.refused, release.requested, rollback.requested, policy.decision, key.created, key.revoked"""
+    source: _builtins.str
+    """kafka, admin-api, eval-policy, cli"""
+    actor: _builtins.str
+    """a key's name, a signed event's author, the OS user"""
+    actor_key_id: _builtins.str
+    """the API key that called, when one did"""
+    model: _builtins.str
+    version: _builtins.int
+    reason: _builtins.str
+    event_id: _builtins.str
+    offset: _builtins.int
+    """the release event's place in llmesh.releases (-1: none)"""
+    previous: _builtins.str
+    """the digest of the entry before"""
+    digest: _builtins.str
+    """sha256 over every other field"""
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        at: _builtins.float = ...,
+        action: _builtins.str = ...,
+        source: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        actor_key_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        previous: _builtins.str = ...,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "actor_key_id", b"actor_key_id", "at", b"at", "details", b"details", "digest", b"digest", "event_id", b"event_id", "id", b"id", "model", b"model", "offset", b"offset", "previous", b"previous", "reason", b"reason", "source", b"source", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
 class ReleaseEvent(_message.Message):
     """Topic llmesh.releases (compacted, key = model name). Also accepted as JSON (see llmesh.common.events)."""
 

@@ -253,6 +253,11 @@ class AdminStub:
                 request_serializer=llmesh_dot_v1_dot_gateway__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
                 _registered_method=True)
+        self.GetAudit = channel.unary_unary(
+                '/llmesh.v1.Admin/GetAudit',
+                request_serializer=llmesh_dot_v1_dot_gateway__pb2.GetAuditRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_gateway__pb2.GetAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -274,6 +279,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAudit(self, request, context):
+        """The audit trail (of one model, since a time), oldest first, and whether its chain holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -286,6 +298,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=llmesh_dot_v1_dot_gateway__pb2.RollbackRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.SerializeToString,
+            ),
+            'GetAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAudit,
+                    request_deserializer=llmesh_dot_v1_dot_gateway__pb2.GetAuditRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_gateway__pb2.GetAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +361,33 @@ class Admin:
             '/llmesh.v1.Admin/Rollback',
             llmesh_dot_v1_dot_gateway__pb2.RollbackRequest.SerializeToString,
             llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Admin/GetAudit',
+            llmesh_dot_v1_dot_gateway__pb2.GetAuditRequest.SerializeToString,
+            llmesh_dot_v1_dot_gateway__pb2.GetAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

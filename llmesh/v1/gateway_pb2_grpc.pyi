@@ -101,6 +101,8 @@ class AdminStub:
     """Validates and publishes a release event (any mode) to llmesh.releases."""
     Rollback: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RollbackRequest, _gateway_pb2.PublishReleaseResponse]
     """Routes a model back to its previous version (or to `version`)."""
+    GetAudit: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetAuditRequest, _gateway_pb2.GetAuditResponse]
+    """The audit trail (of one model, since a time), oldest first, and whether its chain holds."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -113,6 +115,8 @@ class AdminAsyncStub(AdminStub):
     """Validates and publishes a release event (any mode) to llmesh.releases."""
     Rollback: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RollbackRequest, _gateway_pb2.PublishReleaseResponse]  # type: ignore[assignment]
     """Routes a model back to its previous version (or to `version`)."""
+    GetAudit: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetAuditRequest, _gateway_pb2.GetAuditResponse]  # type: ignore[assignment]
+    """The audit trail (of one model, since a time), oldest first, and whether its chain holds."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """The operators' API. Releases are applied by the infer service, asynchronously: watch GetModel or
@@ -134,5 +138,13 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.PublishReleaseResponse, _abc.Awaitable[_gateway_pb2.PublishReleaseResponse]]:
         """Routes a model back to its previous version (or to `version`)."""
+
+    @_abc_1.abstractmethod
+    def GetAudit(
+        self,
+        request: _gateway_pb2.GetAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.GetAuditResponse, _abc.Awaitable[_gateway_pb2.GetAuditResponse]]:
+        """The audit trail (of one model, since a time), oldest first, and whether its chain holds."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

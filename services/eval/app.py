@@ -42,6 +42,8 @@ CANDIDATE_SCORE = Gauge(
 )
 EMBEDDER_LOADED = Gauge("llmesh_eval_embedder_loaded", "1 once the embedding model is in memory")
 DECISIONS = Counter("llmesh_eval_decisions_total", "Policy decisions", ["model", "action"])
+AUDIT_EXPORTED = Counter("llmesh_eval_audit_exported_total", "Audit trail entries published on llmesh.audit")
+AUDIT_EXPORT_S = 1.0
 
 
 def _background_thread() -> None:
@@ -87,6 +89,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
     async def start(self) -> None:
         await super().start()
         self._loop = asyncio.create_task(self._policy_loop())
+        self._export = asyncio.create_task(self._export_loop())
         if self.settings.preload_embedder:
             self.scoring_pool.submit(self._load_embedder)
 
@@ -96,6 +99,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
 
     async def stop(self) -> None:
         await cancel(self._loop)
+        await cancel(self._export)
         await super().stop()
         self.scoring_pool.shutdown(wait=False, cancel_futures=True)
         await self.registry.close()
@@ -162,6 +166,23 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
                     await self._review(model)
             except Exception:
                 log.exception("policy review failed")
+
+    async def _export_loop(self) -> None:
+        """Level-triggered: whatever the trail holds past the export cursor goes to the audit topic,
+        in chain order, then the cursor moves (at least once: a crash between the two, or a second
+        eval replica, publishes an entry again under the same key)."""
+        while True:
+            try:
+                done, entries = await self.audit.unexported()
+                for entry in entries:
+                    await self.outbox.send(entry.to_proto(), topics.AUDIT, entry.id)
+                if entries:
+                    await self.audit.mark_exported(done, len(entries))
+                    AUDIT_EXPORTED.inc(len(entries))
+                    continue
+            except Exception:
+                log.exception("audit export failed")
+            await asyncio.sleep(AUDIT_EXPORT_S)
 
     async def _count_missing(self) -> None:
         for side in await self.join.sweep():

@@ -59,6 +59,13 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
             raise
         return await self._publish(event.signed(self.release_key), AuditAction.ROLLBACK_REQUESTED)
 
+    async def GetAudit(
+        self, request: gateway_pb2.GetAuditRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetAuditResponse:
+        entries = await self.audit.entries(request.model, request.since)
+        problems = await self.audit.verify()
+        return gateway_pb2.GetAuditResponse(entries=[e.to_proto() for e in entries], problems=problems)
+
     async def _publish(self, event: ReleaseEvent, action: AuditAction) -> gateway_pb2.PublishReleaseResponse:
         value, key, headers = kafka.release_record(event)
         await self.broker.publish(value, topics.RELEASES, key=key, headers=headers)

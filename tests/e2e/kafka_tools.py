@@ -8,6 +8,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from llmesh.common import topics
 from llmesh.common.events import InvalidEvent, ReleaseEvent
+from llmesh.v1 import events_pb2
 
 
 async def _release_dead_letters(bootstrap: str, event_ids: set[str], timeout: float) -> dict[str, str]:
@@ -68,3 +69,22 @@ async def dead_letters_for(
         await consumer.stop()
         await producer.stop()
     return found
+
+
+async def _audit_records(bootstrap: str, ids: set[str], timeout: float) -> list[events_pb2.AuditRecord]:
+    consumer = AIOKafkaConsumer(topics.AUDIT, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    await consumer.start()
+    records: list[events_pb2.AuditRecord] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not ids <= {r.id for r in records}:
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    records += [events_pb2.AuditRecord.FromString(r.value) for r in batch]
+    finally:
+        await consumer.stop()
+    return records
+
+
+def audit_records(bootstrap: str, ids: set[str], timeout: float = 60) -> list[events_pb2.AuditRecord]:
+    """The audit topic from its start until every entry of `ids` arrived (waits for them)."""
+    return asyncio.run(_audit_records(bootstrap, ids, timeout))

@@ -19,6 +19,7 @@ from llmesh.stack import processes
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.e2e.gateways import audit_entries, cli, new_key, start_keyed_gateway
+from tests.e2e.kafka_tools import audit_records
 from tests.e2e.restarts import kill_and_restart
 
 pytestmark = pytest.mark.slow
@@ -51,13 +52,23 @@ def test_releases_rollbacks_and_keys_are_audited_with_who_and_where(mesh, gatewa
     try:
         admin = gateway_pb2_grpc.AdminStub(client.gateway_channel(keyed.address, api_key=secret, tls_ca=keyed.cert))
         reply = admin.Rollback(gateway_pb2.RollbackRequest(model=MODEL, reason="v2 answers worse"), timeout=10)
+        wait_for_primary(gateway, MODEL, 1, timeout=60)
+        requested = _wait_for(mesh, "rollback.requested", reply.event_id)
+        assert (requested.actor, requested.actor_key_id, requested.source) == ("e2e", key_id, "admin-api")
+        rolled_back = _wait_for(mesh, "release.applied", reply.event_id)
+        assert (rolled_back.details["mode"], rolled_back.version, rolled_back.reason) == ("rollback", 1, "v2 answers worse")
+        audit = admin.GetAudit(gateway_pb2.GetAuditRequest(model=MODEL), timeout=10)  # the same trail, through the API
+        assert list(audit.problems) == []
+        assert [r.id for r in audit.entries] == [e.id for e in audit_entries(mesh, "--model", MODEL)]
     finally:
         processes.stop(mesh, keyed.name)
-    wait_for_primary(gateway, MODEL, 1, timeout=60)
-    requested = _wait_for(mesh, "rollback.requested", reply.event_id)
-    assert (requested.actor, requested.actor_key_id, requested.source) == ("e2e", key_id, "admin-api")
-    rolled_back = _wait_for(mesh, "release.applied", reply.event_id)
-    assert (rolled_back.details["mode"], rolled_back.version, rolled_back.reason) == ("rollback", 1, "v2 answers worse")
+
+    trail = audit_entries(mesh)
+    exported = audit_records(mesh.address("broker"), {e.id for e in trail})  # eval publishes the trail in chain order
+    in_order = list(dict.fromkeys(r.id for r in exported))  # at least once: an id may come again, later
+    assert in_order[: len(trail)] == [e.id for e in trail]
+    digests = {r.id: r.digest for r in exported}
+    assert all(digests[e.id] == e.digest for e in trail)
 
     before = audit_entries(mesh, "--model", MODEL)
     kill_and_restart(mesh, "infer")  # it reads the release topic again from offset 0

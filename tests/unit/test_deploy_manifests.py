@@ -166,3 +166,10 @@ def test_the_strimzi_example_logs_each_service_in_as_its_own_kafka_user():
     }
     assert groups["llmesh-tokenize"] == {topics.GROUP_TOKENIZE} and groups["llmesh-infer"] == {topics.GROUP_INFER}
     assert groups["llmesh-eval"] == {topics.GROUP_EVAL} and not groups["llmesh-gateway"]
+
+
+def test_the_audit_topic_is_never_compacted_and_kept_for_ever():
+    (audit,) = [t for t in of_kind(render("cpu"), "KafkaTopic").values() if t["spec"]["topicName"] == topics.AUDIT]
+    assert audit["spec"]["config"] == {"retention.ms": -1}
+    (spec,) = [t for t in topics.TOPICS if t.name == topics.AUDIT]
+    assert (spec.compacted, spec.retention_ms) == (False, -1)

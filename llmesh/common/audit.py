@@ -130,11 +130,15 @@ class AuditTrail:
     async def verify(self) -> list[str]:
         return verify(await self.entries(), await _head(self.redis))
 
+    async def slice(self, start: int, limit: int) -> list[AuditEntry]:
+        """Up to `limit` entries from the `start`th (0: the oldest), in chain order."""
+        raw = await self.redis.lrange(LOG_KEY, start, start + limit - 1)
+        return [AuditEntry.model_validate_json(r) for r in raw]
+
     async def unexported(self, limit: int = 500) -> tuple[int, list[AuditEntry]]:
         """(the count exported so far, the next entries to export, in chain order)."""
         done = int(await self.redis.get(EXPORTED_KEY) or 0)
-        raw = await self.redis.lrange(LOG_KEY, done, done + limit - 1)
-        return done, [AuditEntry.model_validate_json(r) for r in raw]
+        return done, await self.slice(done, limit)
 
     async def mark_exported(self, before: int, count: int) -> None:
         """Move the export cursor from `before` by `count`, unless another exporter moved it meanwhile."""

@@ -71,6 +71,7 @@ class Header:
     DLQ_PARTITION = "dlq-original-partition"
     DLQ_OFFSET = "dlq-original-offset"
     DLQ_SERVICE = "dlq-service"
+    WEBHOOK_URL = "webhook-url"  # on a dead-lettered webhook delivery: where it could not be delivered
     DLQ_SIZE = "dlq-original-size"  # set when the body was cut to DLQ_BODY_LIMIT: its size in bytes
     DLQ_SHA256 = "dlq-original-sha256"  # ... and the sha256 of the whole original body
 

@@ -27,11 +27,13 @@ from llmesh.common.scoring import Embedder, score_pair
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
 from llmesh.common.tasks import cancel
+from llmesh.common.topics import Header
 from llmesh.v1 import eval_pb2, eval_pb2_grpc, events_pb2
 from services.eval.pairs import LATE, CandidateScores, PairJoin, Side
 from services.eval.policy import PromotionPolicy, Verdict, judge
 from services.eval.settings import EvalSettings
 from services.eval.stats import GenerationStats
+from services.eval.webhooks import Failed, Webhooks
 
 log = logging.getLogger("llmesh.eval")
 RECORDS = Counter("llmesh_eval_records_total", "Generation records consumed", ["model", "version"])
@@ -63,6 +65,19 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         self.registry = Registry.from_url(settings.redis_url)
         self.keys = ApiKeyStore(self.registry.redis)
         self.audit = AuditTrail(self.registry.redis)
+        secret = settings.webhook_secret
+        self.webhooks = (
+            Webhooks(
+                self.registry.redis,
+                settings.webhook_urls,
+                secret.get_secret_value().encode(),
+                settings.webhook_attempts,
+                self._dead_letter_webhook,
+                settings.replica,
+            )
+            if settings.webhook_urls and secret
+            else None
+        )
         self.join = PairJoin(self.registry.redis, settings.join_ttl_s)
         self.scores = CandidateScores(self.registry.redis)
         self.policy = PromotionPolicy.load(settings.policy_file)
@@ -90,6 +105,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         await super().start()
         self._loop = asyncio.create_task(self._policy_loop())
         self._export = asyncio.create_task(self._export_loop())
+        self._notify = asyncio.create_task(self._webhook_loop()) if self.webhooks else None
         if self.settings.preload_embedder:
             self.scoring_pool.submit(self._load_embedder)
 
@@ -100,6 +116,8 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
     async def stop(self) -> None:
         await cancel(self._loop)
         await cancel(self._export)
+        if self._notify is not None:
+            await cancel(self._notify)
         await super().stop()
         self.scoring_pool.shutdown(wait=False, cancel_futures=True)
         await self.registry.close()
@@ -183,6 +201,28 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             except Exception:
                 log.exception("audit export failed")
             await asyncio.sleep(AUDIT_EXPORT_S)
+
+    async def _webhook_loop(self) -> None:
+        assert self.webhooks is not None
+        while True:
+            try:
+                if await self.webhooks.run_once():
+                    continue
+            except Exception:
+                log.exception("webhook pass failed")
+            await asyncio.sleep(AUDIT_EXPORT_S)
+
+    async def _dead_letter_webhook(self, failed: Failed) -> None:
+        headers = {
+            Header.DLQ_REASON: failed.reason,
+            Header.DLQ_TOPIC: topics.AUDIT,
+            Header.DLQ_SERVICE: self.name,
+            Header.WEBHOOK_URL: failed.url[:1024],
+            Header.SCHEMA: events_pb2.AuditRecord.DESCRIPTOR.full_name,
+        }
+        await self.broker.publish(
+            failed.entry.to_proto().SerializeToString(), topics.DEAD_LETTER, key=failed.entry.id.encode(), headers=headers
+        )
 
     async def _count_missing(self) -> None:
         for side in await self.join.sweep():

@@ -36,6 +36,7 @@ import torch
 from bench.common import pyplot, save
 
 MODEL_PY = Path(__file__).resolve().parents[1] / "services" / "infer" / "triton_model" / "model.py"
+PB_UTILS = "triton_python_backend_utils"  # Triton's backend utilities, which model.py imports
 ENGINES = ("llmesh", "transformers-cb", "transformers-generate")
 ROW_KEYS = (
     "engine",
@@ -75,22 +76,23 @@ class Row:
     prefilled: int = 0
 
 
-def load_model_module() -> types.ModuleType:
-    """services/infer/triton_model/model.py, imported under a name of its own outside Triton: a bare
-    stand-in for `triton_python_backend_utils` (which it imports at the top, and which `Batch` never
-    calls) sits in sys.modules for the import only, then whatever was there is put back."""
-    before = sys.modules.pop("triton_python_backend_utils", None)
-    sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+def load_model_module(stand_in: types.ModuleType | None = None, name: str = "llmesh_bench_triton_model") -> types.ModuleType:
+    """services/infer/triton_model/model.py, imported as `name` outside Triton: `stand_in` (default a
+    bare module, as `Batch` never calls it) sits in sys.modules as `triton_python_backend_utils` for
+    the import only, then whatever was there is put back."""
+    missing = types.ModuleType("missing")
+    before = sys.modules.get(PB_UTILS, missing)
+    sys.modules[PB_UTILS] = stand_in or types.ModuleType(PB_UTILS)
     try:
-        spec = importlib.util.spec_from_file_location("llmesh_bench_triton_model", MODEL_PY)
+        spec = importlib.util.spec_from_file_location(name, MODEL_PY)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
-        if before is None:
-            sys.modules.pop("triton_python_backend_utils", None)
+        if before is missing:
+            sys.modules.pop(PB_UTILS, None)
         else:
-            sys.modules["triton_python_backend_utils"] = before
+            sys.modules[PB_UTILS] = before
     return module
 
 

@@ -16,16 +16,8 @@ PROMPTS = [[5, 17, 3, 40, 22, 9, 31, 12, 8, 50, 2], [7, 7, 33, 1, 60, 14, 27, 45
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    # initializer_range 1: greedy runs that wander over the vocabulary (see test_scheduler's `tiny`)
-    config = transformers.GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=128, eos_token_id=63, bos_token_id=63, initializer_range=1.0
-    )
-    yield transformers.GPT2LMHeadModel(config).eval()
-    torch.set_num_threads(threads)
+def tiny(tiny_gpt2):
+    return tiny_gpt2
 
 
 def test_llmesh_batch_gives_the_tokens_of_each_prompt_alone(tiny):

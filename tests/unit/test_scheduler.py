@@ -6,10 +6,8 @@ what every request got in a batch with what the same request gets alone.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import string
-import sys
 import threading
 import types
 from pathlib import Path
@@ -21,6 +19,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer  # noqa: E402
 from tokenizers.models import WordLevel  # noqa: E402
+
+from bench.engines import load_model_module  # noqa: E402
 
 MODEL_PY = Path(__file__).parents[2] / "services" / "infer" / "triton_model" / "model.py"
 FINAL = 1
@@ -70,19 +70,7 @@ def model_module() -> types.ModuleType:
     # Import model.py under a name of its own with the fake in sys.modules, then put back whatever
     # was there (test_foreground installs an empty module of the same name), in either order.
     fake = _fake_pb_utils()
-    missing = object()
-    before = sys.modules.get("triton_python_backend_utils", missing)
-    sys.modules["triton_python_backend_utils"] = fake
-    try:
-        spec = importlib.util.spec_from_file_location("triton_model_scheduler_under_test", MODEL_PY)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if before is missing:
-            sys.modules.pop("triton_python_backend_utils", None)
-        else:
-            sys.modules["triton_python_backend_utils"] = before
+    module = load_model_module(fake, "triton_model_scheduler_under_test")
     module.pb_utils = fake
     return module
 
@@ -198,26 +186,9 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    # initializer_range 1 (not 0.02): a GPT-2 that small and that quiet only repeats its last token;
-    # this one's greedy runs wander over the vocabulary, so that a wrong row, position or mask shows.
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        vocab_size=len(VOCAB),
-        n_positions=128,
-        eos_token_id=63,
-        bos_token_id=63,
-        initializer_range=1.0,
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
-    tokenizer = Tokenizer(WordLevel(vocab={c: i for i, c in enumerate(VOCAB)}, unk_token="-"))
-    yield model, tokenizer
-    torch.set_num_threads(threads)
+def tiny(tiny_gpt2):
+    assert tiny_gpt2.config.vocab_size == len(VOCAB)
+    return tiny_gpt2, Tokenizer(WordLevel(vocab={c: i for i, c in enumerate(VOCAB)}, unk_token="-"))
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import itertools
 import string
 import threading
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from tokenizers.models import WordLevel  # noqa: E402
 
 from bench.engines import load_model_module  # noqa: E402
 
-MODEL_PY = Path(__file__).parents[2] / "services" / "infer" / "triton_model" / "model.py"
 FINAL = 1
 WAIT_S = 60
 VOCAB = string.ascii_letters + string.digits + "_-"  # 64 single-character tokens: decode joins them with spaces

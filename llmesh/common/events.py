@@ -112,14 +112,16 @@ class ReleaseEvent(BaseModel):
             raise InvalidEvent(f"artifact_uri {self.artifact_uri[:200]!r} must be an absolute path without '..'")
         return path
 
-    def canonical_bytes(self) -> bytes:
+    def canonical_bytes(self, null_provenance: bool = False) -> bytes:
         """What the HMAC signature covers: every field but the signature (and but those the event
-        did not carry and parse derived), as sorted JSON."""
-        exclude = {"signature", *self._derived, *(() if self.provenance else ("provenance",))}
+        did not carry and parse derived), as sorted JSON. An event without provenance is signed
+        without the field, as before it existed; `null_provenance`: with `"provenance": null`, as a
+        signer that dumps every field writes it."""
+        exclude = {"signature", *self._derived, *(() if self.provenance or null_provenance else ("provenance",))}
         return json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
 
-    def _mac(self, key: bytes) -> str:
-        return hmac.new(key, self.canonical_bytes(), hashlib.sha256).hexdigest()
+    def _mac(self, key: bytes, null_provenance: bool = False) -> str:
+        return hmac.new(key, self.canonical_bytes(null_provenance), hashlib.sha256).hexdigest()
 
     def signed(self, key: bytes | None) -> ReleaseEvent:
         """A copy signed with `key` (unchanged when no key is configured)."""
@@ -127,7 +129,10 @@ class ReleaseEvent(BaseModel):
 
     def check_signature(self, key: bytes | None) -> None:
         """With a key configured, refuse an event whose HMAC-SHA256 signature is missing or wrong."""
-        if key and not hmac.compare_digest(self.signature, self._mac(key)):
+        if not key:
+            return
+        forms = (False, True) if self.provenance is None else (False,)  # without provenance: either form
+        if not any(hmac.compare_digest(self.signature, self._mac(key, null)) for null in forms):
             raise InvalidEvent(
                 "bad signature: the event is not signed with the configured release key"
                 if self.signature

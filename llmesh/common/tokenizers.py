@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokenizers import Tokenizer
 
@@ -103,7 +103,8 @@ class TokenizerCatalog:
 
     async def get(self, model: str, version: int) -> VersionTokenizer:
         if (digest := self._digest_of.get((model, version))) and (found := self._by_digest.get(digest)):
-            return found
+            # two versions (of two models, say) with the same files share one tokenizer: name the asked one
+            return found if (found.model, found.version) == (model, version) else replace(found, model=model, version=version)
         return await self.refresh(model, version)
 
     async def refresh(self, model: str, version: int) -> VersionTokenizer:

@@ -36,7 +36,7 @@ S = common_pb2.SamplingParams
         ("chat", "hello", S(temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature must be between 0"),
         ("chat", "hello", S(top_p=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p must be in (0, 1]"),
         ("chat", "hello", S(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "each stop string must have 1 to"),
-        ("nope", "hello", S(), grpc.StatusCode.NOT_FOUND, "model 'nope' is not served (known models: chat"),
+        ("nope", "hello", S(), grpc.StatusCode.NOT_FOUND, "model 'nope' is not served (known models: "),
         ("chat@9", "hello", S(), grpc.StatusCode.NOT_FOUND, "model 'chat@9' is not served"),
         ("chat", "word " * 600, S(), grpc.StatusCode.INVALID_ARGUMENT, "tokens; model chat@1 takes at most 255"),
     ],

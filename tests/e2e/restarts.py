@@ -11,15 +11,17 @@ from llmesh import client
 from llmesh.stack import processes
 from llmesh.stack.layout import StackLayout
 
+RESTART_S = 300  # an infer replica loads every version the desired state needs first: many, late in a session
 
-def wait_until_serving(mesh: StackLayout, name: str, timeout: float = 120) -> None:
+
+def wait_until_serving(mesh: StackLayout, name: str, timeout: float = RESTART_S) -> None:
     deadline = time.monotonic() + timeout
     while client.health_status(mesh.address(name)) != "SERVING":
         assert time.monotonic() < deadline, f"{name} did not come back within {timeout:.0f}s"
         time.sleep(0.1)
 
 
-def wait_restarted(mesh: StackLayout, name: str, old_pid: int, timeout: float = 120) -> int:
+def wait_restarted(mesh: StackLayout, name: str, old_pid: int, timeout: float = RESTART_S) -> int:
     """Wait until the supervisor has started `name` again (a new pid) and it is SERVING; its pid."""
     deadline = time.monotonic() + timeout
     while (pid := processes.pid_of(mesh, name)) in (None, old_pid):

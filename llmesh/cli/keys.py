@@ -50,7 +50,7 @@ async def _audit(store: ApiKeyStore, action: AuditAction, key: ApiKey, reason: s
 @app.command()
 def create(
     name: Annotated[str, typer.Option(help="who or what the key is for")],
-    scope: Annotated[list[Scope], typer.Option(help="generate, read and/or admin")] = [Scope.GENERATE],  # noqa: B006
+    scope: Annotated[list[Scope], typer.Option(help="generate, read, admin and/or approve")] = [Scope.GENERATE],  # noqa: B006
     rps: Annotated[float, typer.Option(min=0, help="requests per second (0: no limit)")] = 0.0,
     tokens_per_minute: Annotated[int, typer.Option(min=0, help="prompt + completion tokens per minute (0: no limit)")] = 0,
     redis_url: RedisOpt = None,

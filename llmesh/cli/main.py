@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Optional
@@ -220,6 +221,7 @@ def models(
             table.add_row(time.strftime("%H:%M:%S", time.localtime(entry.at)), str(entry.version), state, entry.reason)
         console.print(table)
         console.print(_lineage(info))
+        _print_pending([info])
         return
     reply = stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
     table = Table("model", "version", "state", "primary", "label", "reason")
@@ -228,6 +230,20 @@ def models(
             state = common_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_")
             table.add_row(info.name, str(v.version), state, "*" if v.version == info.primary_version else "", v.label, v.reason)
     console.print(table)
+    _print_pending(reply.models)
+
+
+def _print_pending(infos: Iterable[gateway_pb2.ModelInfo]) -> None:
+    """One line per release that waits for approval, with the command that approves it."""
+    for info in infos:
+        if info.HasField("pending"):
+            p = info.pending
+            by = f" by {', '.join(p.approvals)}" if p.approvals else ""
+            expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.expires_at))
+            _say(
+                f"{info.name} v{p.version} ({p.mode}, released by {p.author or 'unnamed'}) waits for approval: "
+                f"{len(p.approvals)}/{p.needed}{by}, until {expires}; llmesh release approve {info.name} {p.version}"
+            )
 
 
 def _lineage(info: gateway_pb2.ModelInfo) -> Table:
@@ -320,6 +336,57 @@ def release_publish(
     )
     asyncio.run(client.publish_release(kafka_settings, event))
     _say(f"published {event.event_id}: {model} v{version} ({mode.value})")
+
+
+@release_app.command("approve")
+def release_approve(
+    model: str,
+    version: int,
+    reason: str = "",
+    author: Annotated[str, typer.Option(help="the approver when the gateway requires no keys (else: the key's name)")] = "",
+    wait: Annotated[float, typer.Option(help="seconds to wait until it is routed (0: do not wait)")] = 30.0,
+    gateway: Annotated[Optional[str], typer.Option(help="gateway host:port (default: the local stack)")] = None,  # noqa: UP045
+    home: HomeOpt = Path(".llmesh"),
+) -> None:
+    """Approve a release that waits for approval (an `approve` key in LLMESH_API_KEY when keys are on)."""
+    stub = _gateway(home, gateway)
+    before = stub.GetModel(gateway_pb2.GetModelRequest(name=model), timeout=5).pending
+    _decide(home, gateway, "Approve", gateway_pb2.ApprovalRequest(model=model, version=version, reason=reason, author=author))
+    started = time.perf_counter()
+    while wait and time.perf_counter() - started < wait:
+        pending = stub.GetModel(gateway_pb2.GetModelRequest(name=model), timeout=5).pending
+        if pending.version != version:
+            _say(f"{model} v{version} is approved and routed ({time.perf_counter() - started:.2f}s)")
+            return
+        if len(pending.approvals) > len(before.approvals):
+            _say(f"{model} v{version} has {len(pending.approvals)} of {pending.needed} approvals")
+            return
+        time.sleep(0.02)
+    if wait:
+        err_console.print(f"the approval of {model} v{version} did not apply in {wait:.0f}s: see llmesh audit --model {model}")
+        raise typer.Exit(1)
+
+
+@release_app.command("reject")
+def release_reject(
+    model: str,
+    version: int,
+    reason: str = "",
+    author: Annotated[str, typer.Option(help="who rejects when the gateway requires no keys (else: the key's name)")] = "",
+    gateway: Annotated[Optional[str], typer.Option(help="gateway host:port (default: the local stack)")] = None,  # noqa: UP045
+    home: HomeOpt = Path(".llmesh"),
+) -> None:
+    """Reject a release that waits for approval: it is never routed, and unloaded."""
+    _decide(home, gateway, "Reject", gateway_pb2.ApprovalRequest(model=model, version=version, reason=reason, author=author))
+
+
+def _decide(home: Path, gateway: str | None, method: str, request: gateway_pb2.ApprovalRequest) -> None:
+    try:
+        reply = getattr(_admin(home, gateway), method)(request, timeout=10)
+    except grpc.RpcError as err:
+        err_console.print(f"[red]{err.code().name}[/]: {escape(err.details() or '')}")
+        raise typer.Exit(1) from err
+    _say(f"published {method.lower()} {reply.event_id}: {request.model} v{request.version}")
 
 
 @app.command()

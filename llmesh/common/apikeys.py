@@ -39,6 +39,7 @@ class Scope(StrEnum):
     GENERATE = "generate"  # the Gateway service (Generate, GenerateStream, ListModels, GetModel) and Tokenizer
     READ = "read"  # the Eval service's reports, with the usage of the caller's own key only
     ADMIN = "admin"  # the Admin service (releases and rollbacks), Infer, and every key's usage in reports
+    APPROVE = "approve"  # Admin's Approve and Reject: sign-off on a release that waits for approval
 
 
 class ApiKey(BaseModel):

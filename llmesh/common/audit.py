@@ -35,7 +35,11 @@ GENESIS = "0" * 64  # what the first entry's `previous` is
 class AuditAction(StrEnum):
     RELEASE_APPLIED = "release.applied"  # a release event changed the desired state (its mode in `details`)
     RELEASE_REFUSED = "release.refused"  # ... or was refused (dead-lettered), with the reason
+    RELEASE_PENDING = "release.pending"  # a release event was applied but its routing waits for approval
     RELEASE_REQUESTED = "release.requested"  # the Admin API published a release event for its caller
+    APPROVAL_REQUESTED = "approval.requested"  # the Admin API published an approve event for its caller
+    REJECTION_REQUESTED = "rejection.requested"  # ... or a reject event
+    APPROVAL_EXPIRED = "approval.expired"  # eval rejected a pending release nobody approved in time
     ROLLBACK_REQUESTED = "rollback.requested"
     POLICY_DECISION = "policy.decision"  # eval's promotion policy decided (promote, reject, rollback)
     KEY_CREATED = "key.created"

@@ -11,7 +11,16 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmesh.common import topics
 from llmesh.common.validation import MODEL_NAME_PATTERN
@@ -24,6 +33,11 @@ class ReleaseMode(StrEnum):
     CANARY = "canary"
     ROLLBACK = "rollback"
     RETIRE = "retire"
+    APPROVE = "approve"  # the author approves the release of `version` that waits for approval
+    REJECT = "reject"  # ... or rejects it: never routed, unloaded
+
+
+DECISIONS = (ReleaseMode.APPROVE, ReleaseMode.REJECT)  # modes that decide on a pending release: no artifacts
 
 
 class InvalidEvent(ValueError):
@@ -79,7 +93,7 @@ class ReleaseEvent(BaseModel):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     version: int = Field(ge=1, le=2**31 - 1)
     label: str = Field(default="", max_length=128)
-    artifact_uri: str = Field(min_length=1, max_length=4096)
+    artifact_uri: str = Field(default="", max_length=4096)  # every mode but approve and reject names one
     sha256: dict[str, str] = Field(default_factory=dict)
     mode: ReleaseMode = ReleaseMode.SWAP
     share_percent: int = Field(default=100, ge=0, le=100)
@@ -101,6 +115,12 @@ class ReleaseEvent(BaseModel):
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"sha256 of {name!r} is not 64 lowercase hex digits")
         return value
+
+    @model_validator(mode="after")
+    def _names_artifacts(self) -> ReleaseEvent:
+        if not self.artifact_uri and self.mode not in DECISIONS:
+            raise ValueError(f"a {self.mode.value} release names its artifacts (artifact_uri)")
+        return self
 
     def artifact_dir(self) -> Path:
         """The artifact directory: absolute, no `..` (where it may lie is infer's `artifact_roots`)."""

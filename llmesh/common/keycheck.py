@@ -19,7 +19,9 @@ from llmesh.common.outages import refusal, same_kind
 
 CALLER: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("llmesh_caller", default=None)
 # Method prefix -> the scopes any one of which lets a key call it.
-SCOPES: dict[str, tuple[Scope, ...]] = {
+SCOPES: dict[str, tuple[Scope, ...]] = {  # the first prefix that matches decides
+    "/llmesh.v1.Admin/Approve": (Scope.APPROVE,),  # approving is a duty apart from releasing
+    "/llmesh.v1.Admin/Reject": (Scope.APPROVE,),
     "/llmesh.v1.Gateway/": (Scope.GENERATE,),  # Generate, GenerateStream, ListModels, GetModel
     "/llmesh.v1.Tokenizer/": (Scope.GENERATE,),  # Tokenize, CountTokens: part of generating
     "/llmesh.v1.Eval/": (Scope.READ, Scope.ADMIN),  # GetReport: usage of the caller's own key unless admin
@@ -29,6 +31,12 @@ SCOPES: dict[str, tuple[Scope, ...]] = {
 OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 DEFAULT_SCOPES = (Scope.ADMIN,)  # any method not named above
 CACHE_S = 2.0  # a revoked key stops working within this long
+
+
+def caller_name(otherwise: str) -> str:
+    """The name of the calling key, or `otherwise` when keys are not required."""
+    caller = CALLER.get()
+    return caller.name if caller else otherwise
 
 
 class KeyFinder(Protocol):

@@ -29,6 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.typing import EncodableT, FieldT
 
+from llmesh.common.approval import PendingApproval
 from llmesh.common.events import Provenance
 from llmesh.common.validation import InvalidRequest, parse_model_ref
 from llmesh.v1 import common_pb2
@@ -54,6 +55,7 @@ class VersionState(StrEnum):
     DRAINING = "DRAINING"
     RETIRED = "RETIRED"
     FAILED = "FAILED"
+    PENDING_APPROVAL = "PENDING_APPROVAL"  # loaded everywhere, routed to nobody until approved
 
 
 LIVE_STATES = (VersionState.SERVING, VersionState.READY, VersionState.DRAINING)  # requests pinned to them are answered
@@ -173,10 +175,10 @@ class Routing:
     flipped_at: float = 0.0  # the last change of primary
     event_version: int = 0  # desired state only: the version the last applied event named ...
     reason: str = ""  # ... and the reason it gave (recorded with that version's next state)
+    pending: PendingApproval | None = None  # desired state only: a release that waits for approval
 
-    def needed(self) -> set[int]:
-        """Versions that must stay loaded: primary, previous (instant rollback) and candidate."""
-        return {v for v in (self.primary, self.previous, self.candidate) if v}
+    def pending_version(self) -> int:
+        return self.pending.version if self.pending else 0
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
@@ -184,7 +186,9 @@ class Routing:
     @classmethod
     def loads(cls, raw: str) -> Routing:
         data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        pending = fields.pop("pending", None)
+        return cls(**fields, pending=PendingApproval.loads(pending) if pending else None)
 
 
 class EventClaim(Enum):

@@ -65,6 +65,8 @@ class _VersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VersionS
     VERSION_STATE_DRAINING: _VersionState.ValueType  # 5
     VERSION_STATE_RETIRED: _VersionState.ValueType  # 6
     VERSION_STATE_FAILED: _VersionState.ValueType  # 7
+    VERSION_STATE_PENDING_APPROVAL: _VersionState.ValueType  # 8
+    """loaded everywhere, routed to nobody until approved"""
 
 class VersionState(_VersionState, metaclass=_VersionStateEnumTypeWrapper):
     """Lifecycle of one model version in the registry."""
@@ -77,6 +79,8 @@ VERSION_STATE_SERVING: VersionState.ValueType  # 4
 VERSION_STATE_DRAINING: VersionState.ValueType  # 5
 VERSION_STATE_RETIRED: VersionState.ValueType  # 6
 VERSION_STATE_FAILED: VersionState.ValueType  # 7
+VERSION_STATE_PENDING_APPROVAL: VersionState.ValueType  # 8
+"""loaded everywhere, routed to nobody until approved"""
 Global___VersionState: _TypeAlias = VersionState  # noqa: Y015
 
 @_typing.final

@@ -32,6 +32,9 @@ class _ReleaseModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReleaseMo
     RELEASE_MODE_CANARY: _ReleaseMode.ValueType  # 3
     RELEASE_MODE_ROLLBACK: _ReleaseMode.ValueType  # 4
     RELEASE_MODE_RETIRE: _ReleaseMode.ValueType  # 5
+    RELEASE_MODE_APPROVE: _ReleaseMode.ValueType  # 6
+    """Approves (or rejects) the release of `version` that waits for approval; `author` is the approver."""
+    RELEASE_MODE_REJECT: _ReleaseMode.ValueType  # 7
 
 class ReleaseMode(_ReleaseMode, metaclass=_ReleaseModeEnumTypeWrapper):
     """---- Control plane ----"""
@@ -42,6 +45,9 @@ RELEASE_MODE_SHADOW: ReleaseMode.ValueType  # 2
 RELEASE_MODE_CANARY: ReleaseMode.ValueType  # 3
 RELEASE_MODE_ROLLBACK: ReleaseMode.ValueType  # 4
 RELEASE_MODE_RETIRE: ReleaseMode.ValueType  # 5
+RELEASE_MODE_APPROVE: ReleaseMode.ValueType  # 6
+"""Approves (or rejects) the release of `version` that waits for approval; `author` is the approver."""
+RELEASE_MODE_REJECT: ReleaseMode.ValueType  # 7
 Global___ReleaseMode: _TypeAlias = ReleaseMode  # noqa: Y015
 
 @_typing.final

@@ -21,6 +21,35 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ApprovalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    reason: _builtins.str
+    author: _builtins.str
+    """who approves when keys are off; with keys, the caller's key name is"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        author: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "model", b"model", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRequest: _TypeAlias = ApprovalRequest  # noqa: Y015
+
+@_typing.final
 class RollbackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -361,6 +390,7 @@ class ModelInfo(_message.Message):
     VERSIONS_FIELD_NUMBER: _builtins.int
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     primary_version: _builtins.int
     """0 when nothing serves yet"""
@@ -372,6 +402,10 @@ class ModelInfo(_message.Message):
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistoryEntry]:
         """every state change, oldest first"""
 
+    @_builtins.property
+    def pending(self) -> Global___PendingApproval:
+        """a release that waits for approval (unset when none)"""
+
     def __init__(
         self,
         *,
@@ -380,11 +414,68 @@ class ModelInfo(_message.Message):
         versions: _abc.Iterable[Global___ModelVersionInfo] | None = ...,
         previous_version: _builtins.int = ...,
         history: _abc.Iterable[Global___HistoryEntry] | None = ...,
+        pending: Global___PendingApproval | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pending", b"pending"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "name", b"name", "previous_version", b"previous_version", "primary_version", b"primary_version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "name", b"name", "pending", b"pending", "previous_version", b"previous_version", "primary_version", b"primary_version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class PendingApproval(_message.Message):
+    """A release that needs approval before it is routed: loaded everywhere, serving nobody."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    SHARE_PERCENT_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    NEEDED_FIELD_NUMBER: _builtins.int
+    REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    mode: _builtins.str
+    """swap, canary or shadow: what approval applies"""
+    share_percent: _builtins.int
+    author: _builtins.str
+    """who released it (may not approve it unless the policy allows)"""
+    needed: _builtins.int
+    """approvals it needs"""
+    requested_at: _builtins.float
+    expires_at: _builtins.float
+    """rejected as expired after this"""
+    reason: _builtins.str
+    """the release's reason (a policy decision's figures)"""
+    event_id: _builtins.str
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """who approved it so far"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        share_percent: _builtins.int = ...,
+        author: _builtins.str = ...,
+        approvals: _abc.Iterable[_builtins.str] | None = ...,
+        needed: _builtins.int = ...,
+        requested_at: _builtins.float = ...,
+        expires_at: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "author", b"author", "event_id", b"event_id", "expires_at", b"expires_at", "mode", b"mode", "needed", b"needed", "reason", b"reason", "requested_at", b"requested_at", "share_percent", b"share_percent", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingApproval: _TypeAlias = PendingApproval  # noqa: Y015

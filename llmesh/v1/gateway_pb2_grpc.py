@@ -258,6 +258,16 @@ class AdminStub:
                 request_serializer=llmesh_dot_v1_dot_gateway__pb2.GetAuditRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_gateway__pb2.GetAuditResponse.FromString,
                 _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/llmesh.v1.Admin/Approve',
+                request_serializer=llmesh_dot_v1_dot_gateway__pb2.ApprovalRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
+                _registered_method=True)
+        self.Reject = channel.unary_unary(
+                '/llmesh.v1.Admin/Reject',
+                request_serializer=llmesh_dot_v1_dot_gateway__pb2.ApprovalRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -286,6 +296,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Approve(self, request, context):
+        """Approves the release of a version that waits for approval, as the caller (an `approve` key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reject(self, request, context):
+        """Rejects it: the version is unloaded and never routed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -303,6 +327,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetAudit,
                     request_deserializer=llmesh_dot_v1_dot_gateway__pb2.GetAuditRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_gateway__pb2.GetAuditResponse.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=llmesh_dot_v1_dot_gateway__pb2.ApprovalRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.SerializeToString,
+            ),
+            'Reject': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reject,
+                    request_deserializer=llmesh_dot_v1_dot_gateway__pb2.ApprovalRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +422,60 @@ class Admin:
             '/llmesh.v1.Admin/GetAudit',
             llmesh_dot_v1_dot_gateway__pb2.GetAuditRequest.SerializeToString,
             llmesh_dot_v1_dot_gateway__pb2.GetAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Admin/Approve',
+            llmesh_dot_v1_dot_gateway__pb2.ApprovalRequest.SerializeToString,
+            llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Admin/Reject',
+            llmesh_dot_v1_dot_gateway__pb2.ApprovalRequest.SerializeToString,
+            llmesh_dot_v1_dot_gateway__pb2.PublishReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -103,6 +103,10 @@ class AdminStub:
     """Routes a model back to its previous version (or to `version`)."""
     GetAudit: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetAuditRequest, _gateway_pb2.GetAuditResponse]
     """The audit trail (of one model, since a time), oldest first, and whether its chain holds."""
+    Approve: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ApprovalRequest, _gateway_pb2.PublishReleaseResponse]
+    """Approves the release of a version that waits for approval, as the caller (an `approve` key)."""
+    Reject: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ApprovalRequest, _gateway_pb2.PublishReleaseResponse]
+    """Rejects it: the version is unloaded and never routed."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -117,6 +121,10 @@ class AdminAsyncStub(AdminStub):
     """Routes a model back to its previous version (or to `version`)."""
     GetAudit: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetAuditRequest, _gateway_pb2.GetAuditResponse]  # type: ignore[assignment]
     """The audit trail (of one model, since a time), oldest first, and whether its chain holds."""
+    Approve: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ApprovalRequest, _gateway_pb2.PublishReleaseResponse]  # type: ignore[assignment]
+    """Approves the release of a version that waits for approval, as the caller (an `approve` key)."""
+    Reject: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ApprovalRequest, _gateway_pb2.PublishReleaseResponse]  # type: ignore[assignment]
+    """Rejects it: the version is unloaded and never routed."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """The operators' API. Releases are applied by the infer service, asynchronously: watch GetModel or
@@ -146,5 +154,21 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.GetAuditResponse, _abc.Awaitable[_gateway_pb2.GetAuditResponse]]:
         """The audit trail (of one model, since a time), oldest first, and whether its chain holds."""
+
+    @_abc_1.abstractmethod
+    def Approve(
+        self,
+        request: _gateway_pb2.ApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.PublishReleaseResponse, _abc.Awaitable[_gateway_pb2.PublishReleaseResponse]]:
+        """Approves the release of a version that waits for approval, as the caller (an `approve` key)."""
+
+    @_abc_1.abstractmethod
+    def Reject(
+        self,
+        request: _gateway_pb2.ApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.PublishReleaseResponse, _abc.Awaitable[_gateway_pb2.PublishReleaseResponse]]:
+        """Rejects it: the version is unloaded and never routed."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

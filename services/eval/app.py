@@ -45,6 +45,10 @@ CANDIDATE_SCORE = Gauge(
 EMBEDDER_LOADED = Gauge("llmesh_eval_embedder_loaded", "1 once the embedding model is in memory")
 DECISIONS = Counter("llmesh_eval_decisions_total", "Policy decisions", ["model", "action"])
 AUDIT_EXPORTED = Counter("llmesh_eval_audit_exported_total", "Audit trail entries published on llmesh.audit")
+PENDING_APPROVALS = Gauge("llmesh_release_pending_approvals", "Releases that wait for approval", ["model"])
+PENDING_AGE = Gauge(
+    "llmesh_release_pending_approval_age_seconds", "How long the release that waits for approval has waited", ["model"]
+)
 AUDIT_EXPORT_S = 1.0
 
 
@@ -182,6 +186,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
                 await self._count_missing()
                 for model in await self.registry.models():
                     await self._review(model)
+                    await self._watch_approval(model)
             except Exception:
                 log.exception("policy review failed")
 
@@ -249,6 +254,39 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         if verdict is None or not await self.registry.redis.set(decided, verdict.action, nx=True):
             return
         await self._act(model, stats, verdict)
+
+    async def _watch_approval(self, model: str) -> None:
+        """Report the release that waits for approval, and reject it once its window closed (one eval
+        replica publishes the rejection: the first to set the guard)."""
+        pending = (await self.registry.desired(model)).pending
+        now = time.time()
+        PENDING_APPROVALS.labels(model).set(1 if pending else 0)
+        PENDING_AGE.labels(model).set(now - pending.requested_at if pending else 0)
+        if pending is None or now <= pending.expires_at:
+            return
+        if not await self.registry.redis.set(f"llmesh:eval:expired:{pending.event_id}", "1", nx=True, ex=7 * 24 * 3600):
+            return
+        waited = f"{(pending.expires_at - pending.requested_at) / 60:.1f}"
+        reason = f"approval expired: {len(pending.approvals)} of {pending.needed} approvals in {waited} minutes"
+        event = ReleaseEvent(
+            model=model, version=pending.version, mode=ReleaseMode.REJECT, author="llmesh-eval policy", reason=reason
+        ).signed(self.settings.release_key())
+        value, key, headers = kafka.release_record(event)
+        await self.broker.publish(value, topics.RELEASES, key=key, headers=headers)
+        await self.audit.append(
+            AuditEntry(
+                id=f"{AuditAction.APPROVAL_EXPIRED}:{pending.event_id}",
+                action=AuditAction.APPROVAL_EXPIRED,
+                source=AuditSource.EVAL_POLICY,
+                actor=event.author,
+                model=model,
+                version=pending.version,
+                reason=reason,
+                event_id=event.event_id,
+                details={"released_by": pending.author, "release_event_id": pending.event_id, "mode": pending.mode},
+            )
+        )
+        log.warning("a release waited too long for approval: rejected", extra={"model": model, "version": pending.version})
 
     async def _act(self, model: str, stats: eval_pb2.CandidateStats, verdict: Verdict) -> None:
         record = await self.registry.version(model, stats.candidate_version)

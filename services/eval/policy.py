@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmesh.common.approval import ApprovalRule
 from llmesh.v1 import eval_pb2
 
 
@@ -36,6 +37,8 @@ class PromotionPolicy(BaseModel):
     thresholds: Thresholds = Thresholds()
     on_pass: str = Field(default="promote", pattern="^(promote|hold)$")
     on_fail: str = Field(default="reject", pattern="^(reject|hold)$")  # reject a shadow, roll back a canary
+    approval: ApprovalRule = Field(default_factory=ApprovalRule, description="infer applies it (llmesh.common.approval)")
+    require_provenance: bool = False  # infer applies it
     models: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-model overrides of the fields above")
 
     @classmethod

@@ -45,6 +45,8 @@ def notifies(entry: AuditEntry) -> bool:
     rolled_back = entry.action is AuditAction.RELEASE_APPLIED and entry.details.get("mode") == "rollback"
     return rolled_back or entry.action in (
         AuditAction.RELEASE_REFUSED,
+        AuditAction.RELEASE_PENDING,
+        AuditAction.APPROVAL_EXPIRED,
         AuditAction.ROLLBACK_REQUESTED,
         AuditAction.POLICY_DECISION,
     )

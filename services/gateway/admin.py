@@ -1,6 +1,13 @@
-"""The operators' API on the gateway: publish release events and roll back."""
+"""The operators' API on the gateway: publish release events, roll back, approve or reject a release
+that waits for approval, read the audit trail.
+
+With API keys on, the gateway names the caller in what it publishes: the event's author is the
+calling key's name (the client's signature is checked first, then the gateway signs the event again),
+so that an approval policy can tell the author of a release from its approvers."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 from faststream.kafka import KafkaBroker
@@ -8,7 +15,7 @@ from faststream.kafka import KafkaBroker
 from llmesh.common import kafka, topics
 from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
 from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
-from llmesh.common.keycheck import CALLER
+from llmesh.common.keycheck import CALLER, caller_name
 from llmesh.common.registry import Registry
 from llmesh.common.validation import bounded, shown
 from llmesh.v1 import events_pb2, gateway_pb2, gateway_pb2_grpc
@@ -29,7 +36,46 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
         except ValueError as err:  # pydantic's ValidationError is a ValueError
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(f"invalid release event: {err}"))
             raise
+        if CALLER.get() is not None:  # the caller's key names the author: check the signer's work, then sign it so
+            try:
+                event.check_signature(self.release_key)
+            except InvalidEvent as err:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+            event = event.model_copy(update={"author": caller_name("")}).signed(self.release_key)
         return await self._publish(event, AuditAction.RELEASE_REQUESTED)
+
+    async def Approve(
+        self, request: gateway_pb2.ApprovalRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PublishReleaseResponse:
+        return await self._decide(request, context, ReleaseMode.APPROVE)
+
+    async def Reject(
+        self, request: gateway_pb2.ApprovalRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PublishReleaseResponse:
+        return await self._decide(request, context, ReleaseMode.REJECT)
+
+    async def _decide(
+        self, request: gateway_pb2.ApprovalRequest, context: grpc.aio.ServicerContext, mode: ReleaseMode
+    ) -> gateway_pb2.PublishReleaseResponse:
+        """Publish the caller's approve or reject event, after the checks infer will make (so that
+        the caller hears at once why it would be refused)."""
+        pending = (await self.registry.desired(request.model)).pending
+        if pending is None or pending.version != request.version:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no release of {shown(request.model)} version {request.version} waits for approval",
+            )
+        assert pending is not None
+        approver = caller_name(request.author)
+        if mode is ReleaseMode.APPROVE and (refusal := pending.refusal(approver, time.time())):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        try:
+            event = ReleaseEvent(model=request.model, version=request.version, mode=mode, author=approver, reason=request.reason)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(err)))
+            raise
+        action = AuditAction.APPROVAL_REQUESTED if mode is ReleaseMode.APPROVE else AuditAction.REJECTION_REQUESTED
+        return await self._publish(event.signed(self.release_key), action)
 
     async def Rollback(
         self, request: gateway_pb2.RollbackRequest, context: grpc.aio.ServicerContext

@@ -143,8 +143,13 @@ class DataPlane:
             raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
         if name not in await self.registry.models():
             raise GenerationError(grpc.StatusCode.NOT_FOUND, f"model {shown(name)} is not registered")
-        routing = await self.registry.routing(name)
-        info = gateway_pb2.ModelInfo(name=name, primary_version=routing.primary, previous_version=routing.previous)
+        routing, pending = await self.registry.routing(name), (await self.registry.desired(name)).pending
+        info = gateway_pb2.ModelInfo(
+            name=name,
+            primary_version=routing.primary,
+            previous_version=routing.previous,
+            pending=pending.to_proto() if pending else None,
+        )
         for r in await self.registry.versions(name):
             info.versions.add(
                 version=r.version,

@@ -125,9 +125,11 @@ class Reconciler:
                 self._retire_later(loaded)
 
     def _needed(self, desired: Routing, routing: Routing) -> set[int]:
-        """Primary and candidate, desired and routed (the old primary serves until the flip), and
-        the previous version for `keep_previous_s` after the flip (instant rollback)."""
-        needed = {v for v in (desired.primary, desired.candidate, routing.primary, routing.candidate) if v}
+        """Primary and candidate, desired and routed (the old primary serves until the flip), the
+        release that waits for approval (approval routes it at once), and the previous version for
+        `keep_previous_s` after the flip (instant rollback)."""
+        roles = (desired.primary, desired.candidate, desired.pending_version(), routing.primary, routing.candidate)
+        needed = {v for v in roles if v}
         if routing.previous and time.time() < routing.flipped_at + self.settings.keep_previous_s:
             needed.add(routing.previous)
         return needed

@@ -3,7 +3,10 @@ that claims it computes the transition of the model's desired state, verifies an
 artifacts and proves they load in its own Triton, then commits the desired state. Every replica's
 reconciler (reconcile.py) then loads what the state needs, and the routing follows once all are ready.
 
-  event ─▶ claim ─▶ transition(state, event) ─▶ verify + store + load here ─▶ commit desired ─▶ reconcile
+  event ─▶ claim ─▶ transition(state, event, policy) ─▶ verify + store + load here ─▶ commit desired ─▶ reconcile
+
+A release the policy gates is staged and loaded the same way, in state PENDING_APPROVAL: the desired
+state keeps it loaded on every replica and routes nothing to it until approve events apply.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from dataclasses import replace
 
 from prometheus_client import Histogram
 
+from llmesh.common.approval import Governance, PendingApproval
 from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
-from llmesh.common.desired import ModelState, transition
+from llmesh.common.desired import ModelState, Transition, transition
 from llmesh.common.events import InvalidEvent, ReleaseEvent
 from llmesh.common.registry import EventClaim, Registry, Routing, VersionRecord, VersionState, tokenizer_file_names
 from llmesh.common.tasks import cancel
@@ -45,6 +49,7 @@ class ReleaseApplier:
     ) -> None:
         self.settings, self.registry, self.store = settings, registry, store
         self.reconciler, self.catalog, self.states = reconciler, catalog, states
+        self.governance = Governance.load(settings.policy_file)
 
     async def handle(self, event: ReleaseEvent, offset: int) -> bool:
         """Apply `event` unless it was applied (True if this replica applied it). Raises InvalidEvent
@@ -65,7 +70,7 @@ class ReleaseApplier:
             return False
         holding = asyncio.create_task(self._hold(event.event_id))
         try:
-            await self._apply(event, offset)
+            step = await self._apply(event, offset)
         except BaseException as err:
             await cancel(holding)
             first = isinstance(err, InvalidEvent) and await self.registry.mark_refused(event.event_id, offset)
@@ -76,7 +81,9 @@ class ReleaseApplier:
                 raise
             return False
         await cancel(holding)
-        await self._audit(AuditAction.RELEASE_APPLIED, event, offset, event.reason, signed)
+        await self._audit(
+            AuditAction.RELEASE_PENDING if step.pending else AuditAction.RELEASE_APPLIED, event, offset, event.reason, signed
+        )
         return True
 
     async def _audit(self, action: AuditAction, event: ReleaseEvent, offset: int, reason: str, signed: bool) -> None:
@@ -113,16 +120,18 @@ class ReleaseApplier:
                 return claim
             await asyncio.sleep(0.05)
 
-    async def _apply(self, event: ReleaseEvent, offset: int) -> None:
+    async def _apply(self, event: ReleaseEvent, offset: int) -> Transition:
         started = time.perf_counter()
         state = ModelState(
             event.model,
             await self.registry.desired(event.model),
             {r.version: r for r in await self.registry.versions(event.model)},
         )
-        step = transition(state, event)
+        step = transition(state, event, self.governance.for_model(event.model), time.time())
         if step.new_version is not None:
-            await self._stage(event, step.new_version)
+            await self._stage(event, step.new_version, step.pending)
+        elif step.pending is not None:  # a candidate that serves its share keeps it while its promotion waits
+            await self.registry.note(event.model, event.version, VersionState.PENDING_APPROVAL, _waiting(step.pending))
         routed = step.state.versions.get(step.routed)
         if routed is not None:
             await self._wait_for_tokenizers(routed)
@@ -132,10 +141,12 @@ class ReleaseApplier:
         self.reconciler.wake()
         if routed is not None and await self._routed(event.model, desired):
             SWAP_SECONDS.observe(time.perf_counter() - started)
+        return step
 
-    async def _stage(self, event: ReleaseEvent, record: VersionRecord) -> None:
+    async def _stage(self, event: ReleaseEvent, record: VersionRecord, pending: PendingApproval | None) -> None:
         """Verify the operator's artifacts, copy them into the model store (the last read of their
-        folder), publish the tokenizer, load and warm the version here: READY, or FAILED and refused."""
+        folder), publish the tokenizer, load and warm the version here: READY (PENDING_APPROVAL
+        when its routing waits), or FAILED and refused."""
         try:
             roots = self.settings.artifact_roots
             files = await asyncio.to_thread(verify_release, event, [*roots, self.store.root] if roots else [])
@@ -153,7 +164,10 @@ class ReleaseApplier:
         except Exception as err:
             await self._failed(event, record, f"Triton could not load it: {err}")
             raise InvalidEvent(f"Triton could not load {event.model} v{event.version}: {err}") from err
-        await self.states.set(event.model, record, VersionState.READY, event=event)
+        if pending is None:
+            await self.states.set(event.model, record, VersionState.READY, event=event)
+        else:
+            await self.states.set(event.model, record, VersionState.PENDING_APPROVAL, _waiting(pending), event=event)
 
     async def _failed(self, event: ReleaseEvent, record: VersionRecord, reason: str) -> None:
         self.reconciler.applying.discard((event.model, event.version))
@@ -183,3 +197,8 @@ class ReleaseApplier:
             await asyncio.sleep(0.02)
         log.error("routing did not reach the desired state in time", extra={"model": model})
         return False
+
+
+def _waiting(pending: PendingApproval) -> str:
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(pending.expires_at))
+    return f"waits for {pending.needed} approval(s) until {until}: {pending.reason}".rstrip(": ")

@@ -44,6 +44,10 @@ class InferSettings(ServiceSettings):
         default=Path(".llmesh/model-store"),
         description="verified artifacts by content digest; every infer replica loads from here (shared by the replicas)",
     )
+    policy_file: Path | None = Field(
+        default=None,
+        description="YAML policy (eval's promotion policy file): its `approval` and `require_provenance` gate releases",
+    )
     load_timeout_s: float = 120.0
     load_concurrency: int = Field(default=2, ge=1, description="versions a replica loads in Triton at once")
     reconcile_interval_s: float = Field(

@@ -36,6 +36,14 @@ class Transition:
     routed: int = 0  # the version that gains traffic (primary or candidate), 0 if none
     pending: PendingApproval | None = None  # this event's routing waits for approval
 
+    def opened(self, now: float) -> Transition:
+        """The approval window opens once the version is loaded (`now`), not when its event arrived."""
+        if self.pending is None:
+            return self
+        window = self.pending.expires_at - self.pending.requested_at
+        pending = replace(self.pending, requested_at=now, expires_at=now + window)
+        return replace(self, state=replace(self.state, roles=replace(self.state.roles, pending=pending)), pending=pending)
+
 
 def transition(state: ModelState, event: ReleaseEvent, governance: Governance | None = None, now: float = 0.0) -> Transition:
     """What `event` makes of `state` under the model's `governance` at time `now`, or InvalidEvent

@@ -132,6 +132,7 @@ class ReleaseApplier:
             await self._stage(event, step.new_version, step.pending)
         elif step.pending is not None:  # a candidate that serves its share keeps it while its promotion waits
             await self.registry.note(event.model, event.version, VersionState.PENDING_APPROVAL, _waiting(step.pending))
+        step = step.opened(time.time())
         routed = step.state.versions.get(step.routed)
         if routed is not None:
             await self._wait_for_tokenizers(routed)
@@ -200,5 +201,4 @@ class ReleaseApplier:
 
 
 def _waiting(pending: PendingApproval) -> str:
-    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(pending.expires_at))
-    return f"waits for {pending.needed} approval(s) until {until}: {pending.reason}".rstrip(": ")
+    return f"waits for {pending.needed} approval(s): {pending.reason}".rstrip(": ")

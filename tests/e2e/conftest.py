@@ -22,6 +22,9 @@ models:
   shadowcost: {on_pass: hold, on_fail: hold}    # the shadow-cost benchmark's model
   httpcanary: {on_pass: hold, on_fail: hold}    # the HTTP API's candidates (test_openai_api.py)
   httpshadow: {on_pass: hold, on_fail: hold}
+  gated: {approval: {modes: [swap], approvals: 1}}          # test_approvals.py
+  gatedexpiry: {approval: {modes: [swap], expires_s: 20}}
+  hookgated: {approval: {modes: [swap]}}                    # test_webhooks.py: a pending approval notifies
 """
 
 

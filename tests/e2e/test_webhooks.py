@@ -1,5 +1,6 @@
 """Webhook notifications from a running eval replica: a receiver in this test gets the rollback of
-a model, signed, and after answering the first delivery with a failure, the retry."""
+a model, signed, and after answering the first delivery with a failure, the retry; and a release
+that waits for approval."""
 
 from __future__ import annotations
 
@@ -19,7 +20,21 @@ from tests.receiver import serve, verified
 
 pytestmark = pytest.mark.slow
 MODEL = "hooked"
+GATED = "hookgated"  # its policy: a swap waits for an approval (tests/e2e/conftest.py)
 SECRET = "e2e-webhook-secret"
+
+
+def _delivered(receiver, model: str, action: str) -> dict:
+    """The first delivery (answered 200) of an `action` entry of `model`, verified and parsed."""
+    deadline = time.monotonic() + 60
+    while True:
+        for status, headers, body in list(receiver.got):
+            payload = json.loads(body)
+            if status == 200 and (payload["type"], payload["entry"]["model"]) == (action, model):
+                assert verified(SECRET.encode(), headers, body)
+                return payload
+        assert time.monotonic() < deadline, f"no {action} webhook for {model}; got {len(receiver.got)} deliveries"
+        time.sleep(0.2)
 
 
 def test_a_rollback_reaches_the_webhook_signed_after_a_retry(mesh, gateway, admin, models_dir):
@@ -44,6 +59,12 @@ def test_a_rollback_reaches_the_webhook_signed_after_a_retry(mesh, gateway, admi
         while not (ours := [g for g in receiver.got if g[0] == 200 and json.loads(g[2])["entry"]["event_id"] == reply.event_id]):
             assert time.monotonic() < deadline, f"no webhook for the rollback; got {len(receiver.got)} deliveries"
             time.sleep(0.2)
+
+        gated = client.release_for(GATED, 1, models_dir / "chat-v1", author="release-bot", reason="first version")
+        asyncio.run(client.publish_release(mesh.address("broker"), gated))
+        pending = _delivered(receiver, GATED, "release.pending")
+        assert (pending["entry"]["event_id"], pending["entry"]["actor"]) == (gated.event_id, "release-bot")
+        admin.Reject(gateway_pb2.ApprovalRequest(model=GATED, version=1, author="oncall", reason="test over"), timeout=10)
     finally:
         processes.stop(mesh, "eval-webhooks")
         receiver.close()

@@ -65,6 +65,14 @@ def test_a_gated_swap_is_staged_but_not_routed():
     )
 
 
+def test_the_window_opens_once_the_version_is_loaded():
+    serving = _step(ModelState("chat"), _event(1), Governance())
+    step = transition(serving, _event(2), GATED, NOW).opened(NOW + 30)
+    assert step.pending is not None and (step.pending.requested_at, step.pending.expires_at) == (NOW + 30, NOW + 90)
+    assert step.state.roles.pending == step.pending
+    assert transition(serving, _event(2), Governance(), NOW).opened(NOW + 30).state.roles.pending is None
+
+
 def test_the_author_may_not_approve_their_own_release_and_nobody_twice():
     state = _pending_swap()
     with pytest.raises(InvalidEvent, match="'alice' released version 2 and may not approve it"):

@@ -39,8 +39,14 @@ def build_provenance(artifacts: Path) -> Provenance | None:
     return Provenance.model_validate(declared) if declared else None
 
 
+def release_signer() -> str:
+    """LLMESH_RELEASE_SIGNER: the named signer whose key LLMESH_RELEASE_HMAC_KEY is ('' for the shared key)."""
+    return os.environ.get("LLMESH_RELEASE_SIGNER", "")
+
+
 def release_for(model: str, version: int, artifacts: Path, **fields: object) -> ReleaseEvent:
-    """A release of `artifacts` with the sha256 of every file computed here, signed when a key is set."""
+    """A release of `artifacts` with the sha256 of every file computed here, signed when a key is set
+    (by the named signer LLMESH_RELEASE_SIGNER, its author then, when that is set)."""
     directory = artifacts.resolve()
     event = ReleaseEvent(
         model=model,
@@ -50,7 +56,7 @@ def release_for(model: str, version: int, artifacts: Path, **fields: object) -> 
         mode=fields.pop("mode", ReleaseMode.SWAP),  # type: ignore[arg-type]
         **fields,  # type: ignore[arg-type]
     )
-    return event.signed(release_key())
+    return event.signed(release_key(), release_signer())
 
 
 async def publish_release(kafka_settings: KafkaSettings | str, event: ReleaseEvent) -> None:

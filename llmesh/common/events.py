@@ -7,6 +7,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlparse
@@ -46,7 +47,15 @@ class InvalidEvent(ValueError):
 
 MAX_ARTIFACT_FILES = 256
 MAX_PROVENANCE_ENTRIES = 64  # evaluation results, and tags
-MAX_EVENT_BYTES = 256 * 1024  # 256 files with their digests and every text field at its limit fit in far less
+MAX_EVENT_BYTES = 256 * 1024
+OPTIONAL_FIELDS = ("provenance", "signer")  # added after events were first signed: signed only when set
+# The empty optional fields a signer may have written: none (as the mesh signs), every field of the
+# schema before signers (`"provenance": null`), every field of today's.
+SIGNED_FORMS: tuple[frozenset[str], ...] = (
+    frozenset(),
+    frozenset({"provenance"}),
+    frozenset(OPTIONAL_FIELDS),
+)  # 256 files with their digests and every text field at its limit fit in far less
 
 
 class Provenance(BaseModel):
@@ -99,6 +108,7 @@ class ReleaseEvent(BaseModel):
     share_percent: int = Field(default=100, ge=0, le=100)
     author: str = Field(default="", max_length=256)
     reason: str = Field(default="", max_length=2048)
+    signer: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9._@-]*$")  # a named signer's id, or the shared key
     signature: str = ""
     created_at: float = Field(default_factory=time.time)
     provenance: Provenance | None = None
@@ -132,27 +142,40 @@ class ReleaseEvent(BaseModel):
             raise InvalidEvent(f"artifact_uri {self.artifact_uri[:200]!r} must be an absolute path without '..'")
         return path
 
-    def canonical_bytes(self, null_provenance: bool = False) -> bytes:
+    def canonical_bytes(self, written: frozenset[str] = frozenset()) -> bytes:
         """What the HMAC signature covers: every field but the signature (and but those the event
-        did not carry and parse derived), as sorted JSON. An event without provenance is signed
-        without the field, as before it existed; `null_provenance`: with `"provenance": null`, as a
-        signer that dumps every field writes it."""
-        exclude = {"signature", *self._derived, *(() if self.provenance or null_provenance else ("provenance",))}
+        did not carry and parse derived), as sorted JSON. The optional fields added later
+        (`provenance`, `signer`) are covered only when set, so that events signed before they
+        existed verify as they were; `written`: those of them a signer that dumps every field wrote
+        empty (`"provenance": null`, `"signer": ""`)."""
+        unset = {name for name in OPTIONAL_FIELDS if not getattr(self, name)} - written
+        exclude = {"signature", *self._derived, *unset}
         return json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
 
-    def _mac(self, key: bytes, null_provenance: bool = False) -> str:
-        return hmac.new(key, self.canonical_bytes(null_provenance), hashlib.sha256).hexdigest()
+    def _mac(self, key: bytes, written: frozenset[str] = frozenset()) -> str:
+        return hmac.new(key, self.canonical_bytes(written), hashlib.sha256).hexdigest()
 
-    def signed(self, key: bytes | None) -> ReleaseEvent:
-        """A copy signed with `key` (unchanged when no key is configured)."""
-        return self.model_copy(update={"signature": self._mac(key)}) if key else self
+    def signed(self, key: bytes | None, signer: str = "") -> ReleaseEvent:
+        """A copy signed with `key` (unchanged when no key is configured); by the named `signer`, whose
+        events are authored by it, when one is given."""
+        event = self.model_copy(update={"signer": signer, "author": signer}) if signer else self
+        return event.model_copy(update={"signature": event._mac(key)}) if key else event
 
-    def check_signature(self, key: bytes | None) -> None:
-        """With a key configured, refuse an event whose HMAC-SHA256 signature is missing or wrong."""
+    def check_signature(self, key: bytes | None, signers: Mapping[str, bytes] | None = None) -> None:
+        """Refuse an event whose HMAC-SHA256 signature is missing or wrong: by its named signer's key
+        (whose events it must author), else by the shared release key when one is configured."""
+        if self.signer:
+            named = (signers or {}).get(self.signer)
+            if named is None:
+                raise InvalidEvent(f"unknown signer {self.signer!r}: not one of the configured release signers")
+            if self.author != self.signer:
+                raise InvalidEvent(
+                    f"author {self.author[:80]!r} is not its signer {self.signer!r}: a signer authors its own events"
+                )
+            key = named
         if not key:
             return
-        forms = (False, True) if self.provenance is None else (False,)  # without provenance: either form
-        if not any(hmac.compare_digest(self.signature, self._mac(key, null)) for null in forms):
+        if not any(hmac.compare_digest(self.signature, self._mac(key, written)) for written in SIGNED_FORMS):
             raise InvalidEvent(
                 "bad signature: the event is not signed with the configured release key"
                 if self.signature
@@ -185,6 +208,7 @@ class ReleaseEvent(BaseModel):
             share_percent=msg.share_percent,
             author=msg.author,
             reason=msg.reason,
+            signer=msg.signer,
             signature=msg.signature,
             created_at=msg.created_at or (0.0 if derived_id else time.time()),
             provenance=Provenance.from_proto(msg.provenance) if msg.HasField("provenance") else None,

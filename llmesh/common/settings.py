@@ -91,6 +91,11 @@ class ServiceSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:16379/0"
     replica: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="this process's name")
     release_hmac_key: SecretStr | None = Field(default=None, description="when set, release events must carry its HMAC-SHA256")
+    release_signers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="named release signers, JSON {id: key}: an event naming its `signer` is checked with that key, and "
+        "its author is that id (each person or pipeline its own key; the shared release key names nobody)",
+    )
     mesh_hmac_key: SecretStr | None = Field(
         default=None, description="seals the mesh's own Kafka messages (replies, tasks, records); readers refuse others"
     )
@@ -116,6 +121,9 @@ class ServiceSettings(BaseSettings):
 
     def release_key(self) -> bytes | None:
         return self.release_hmac_key.get_secret_value().encode() if self.release_hmac_key else None
+
+    def signer_keys(self) -> dict[str, bytes]:
+        return {name: key.get_secret_value().encode() for name, key in self.release_signers.items()}
 
     def mesh_key(self) -> bytes | None:
         key = self.mesh_hmac_key.get_secret_value() if self.mesh_hmac_key else ""

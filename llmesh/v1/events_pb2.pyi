@@ -522,6 +522,7 @@ class ReleaseEvent(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    SIGNER_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -535,6 +536,8 @@ class ReleaseEvent(_message.Message):
     signature: _builtins.str
     """optional HMAC-SHA256 of the canonical JSON form"""
     created_at: _builtins.float
+    signer: _builtins.str
+    """optional: the named signer whose key signed it (then author = signer)"""
     @_builtins.property
     def sha256(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """artifact file name -> hex digest"""
@@ -559,10 +562,11 @@ class ReleaseEvent(_message.Message):
         signature: _builtins.str = ...,
         created_at: _builtins.float = ...,
         provenance: Global___Provenance | None = ...,
+        signer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "author", b"author", "created_at", b"created_at", "event_id", b"event_id", "label", b"label", "mode", b"mode", "model", b"model", "provenance", b"provenance", "reason", b"reason", "sha256", b"sha256", "share_percent", b"share_percent", "signature", b"signature", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "author", b"author", "created_at", b"created_at", "event_id", b"event_id", "label", b"label", "mode", b"mode", "model", b"model", "provenance", b"provenance", "reason", b"reason", "sha256", b"sha256", "share_percent", b"share_percent", "signature", b"signature", "signer", b"signer", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

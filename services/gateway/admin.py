@@ -22,10 +22,11 @@ from llmesh.v1 import events_pb2, gateway_pb2, gateway_pb2_grpc
 
 
 class AdminService(gateway_pb2_grpc.AdminServicer):
-    def __init__(self, registry: Registry, broker: KafkaBroker, release_key: bytes | None) -> None:
+    def __init__(self, registry: Registry, broker: KafkaBroker, release_key: bytes | None, signers: dict[str, bytes]) -> None:
         self.registry = registry
         self.broker = broker
-        self.release_key = release_key  # the gateway signs the rollback events it makes
+        self.release_key = release_key  # the gateway signs the events it makes or names the author of
+        self.signers = signers
         self.audit = AuditTrail(registry.redis)
 
     async def PublishRelease(
@@ -38,10 +39,10 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
             raise
         if CALLER.get() is not None:  # the caller's key names the author: check the signer's work, then sign it so
             try:
-                event.check_signature(self.release_key)
+                event.check_signature(self.release_key, self.signers)
             except InvalidEvent as err:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
-            event = event.model_copy(update={"author": caller_name("")}).signed(self.release_key)
+            event = event.model_copy(update={"author": caller_name(""), "signer": ""}).signed(self.release_key)
         return await self._publish(event, AuditAction.RELEASE_REQUESTED)
 
     async def Approve(

@@ -49,7 +49,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
     def register(self, server: grpc.aio.Server) -> list[str]:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self, server)
         gateway_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(self.registry, self.broker, self.settings.release_key()), server
+            AdminService(self.registry, self.broker, self.settings.release_key(), self.settings.signer_keys()), server
         )
         return [gateway_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("Gateway", "Admin")]
 

@@ -56,7 +56,7 @@ class ReleaseApplier:
         in the one replica that refuses it first: that one dead-letters it."""
         signed = False
         try:
-            event.check_signature(self.settings.release_key())
+            event.check_signature(self.settings.release_key(), self.settings.signer_keys())
             signed = True
             claim = await self._claim(event, offset)
             if claim is EventClaim.REPLAY:
@@ -94,6 +94,7 @@ class ReleaseApplier:
             action=action,
             source=AuditSource.KAFKA,
             actor=event.author if signed else "",
+            actor_key_id=event.signer if signed else "",  # a named signer's key; "" for the shared release key
             model=event.model,
             version=event.version,
             reason=bounded(reason),

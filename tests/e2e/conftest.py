@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from llmesh.stack.layout import StackLayout
 from llmesh.v1 import gateway_pb2_grpc
 
 RELEASE_KEY = "e2e-release-key"
+SIGNERS = {"release-pipeline": "e2e-pipeline-key"}  # a named signer: its events are authored by it
 POLICY = """
 min_samples: 12
 window_s: 600
@@ -33,6 +35,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
     """The whole embedded stack (real broker, Redis, tritonserver, four services) on free ports,
     with signed releases required (the services and this process read the same key)."""
     os.environ["LLMESH_RELEASE_HMAC_KEY"] = RELEASE_KEY
+    os.environ["LLMESH_RELEASE_SIGNERS"] = json.dumps(SIGNERS)
     home = tmp_path_factory.mktemp("mesh")
     policy = home / "policy.yaml"
     policy.write_text(POLICY)
@@ -41,7 +44,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
     layout = stack.up(home, print, free_ports=True, models_dir=models_dir, artifact_roots=[tmp_path_factory.getbasetemp()])
     yield layout
     stack.down(home, print)
-    del os.environ["LLMESH_RELEASE_HMAC_KEY"], os.environ["LLMESH_POLICY_FILE"]
+    del os.environ["LLMESH_RELEASE_HMAC_KEY"], os.environ["LLMESH_POLICY_FILE"], os.environ["LLMESH_RELEASE_SIGNERS"]
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from llmesh.loadgen import GatewayLoad, wait_for_primary
 from llmesh.stack import processes
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.e2e.conftest import SIGNERS
 from tests.e2e.gateways import audit_entries, new_key, start_keyed_gateway
 from tests.e2e.kafka_tools import release_dead_letter
 
@@ -58,8 +59,8 @@ def _served_only(run_samples, version: int) -> None:
 
 
 def test_a_gated_swap_waits_for_another_keys_approval_under_load(mesh: StackLayout, gateway, admin, models_dir, tmp_path):
-    first = client.release_for(MODEL, 1, models_dir / "chat-v1", author="release-bot")
-    asyncio.run(client.publish_release(mesh.address("broker"), first))
+    first = client.release_for(MODEL, 1, models_dir / "chat-v1").signed(SIGNERS["release-pipeline"].encode(), "release-pipeline")
+    asyncio.run(client.publish_release(mesh.address("broker"), first))  # by a named signer: its own key
     _wait_for_state(gateway, MODEL, 1, "PENDING_APPROVAL")  # even the first release waits
     admin.Approve(gateway_pb2.ApprovalRequest(model=MODEL, version=1, author="oncall"), timeout=10)  # keys off: named
     wait_for_primary(gateway, MODEL, 1, timeout=60)
@@ -100,6 +101,7 @@ def test_a_gated_swap_waits_for_another_keys_approval_under_load(mesh: StackLayo
             reply = admin_as(bob).Approve(approve, timeout=10)
             flip_at = wait_for_primary(gateway, MODEL, 2, timeout=30)
             time.sleep(1.5)
+        print(f"approval routed v2 in {flip_at - asked:.3f} s under {len(load.run.samples)} requests")
         assert flip_at - asked < 1.0, f"the approval took {flip_at - asked:.2f}s to route"
         _served_only([s for s in load.run.samples if s.finished < before], 1)
         _served_only([s for s in load.run.samples if s.started > flip_at], 2)
@@ -107,6 +109,8 @@ def test_a_gated_swap_waits_for_another_keys_approval_under_load(mesh: StackLayo
     finally:
         processes.stop(mesh, keyed.name)
 
+    (pending_v1,) = [e for e in audit_entries(mesh, "--model", MODEL) if e.action == "release.pending" and e.version == 1]
+    assert (pending_v1.actor, pending_v1.actor_key_id) == ("release-pipeline", "release-pipeline"), "the signer's key id"
     trail = [e for e in audit_entries(mesh, "--model", MODEL) if e.version == 2]
     by_action = {(e.action, e.actor) for e in trail}
     assert {("release.requested", "alice"), ("release.pending", "alice"), ("approval.requested", "bob")} <= by_action

@@ -3,6 +3,9 @@ once enough other people approve it; the policy file that says which releases ar
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 from pathlib import Path
 
 import pytest
@@ -193,3 +196,41 @@ def test_the_policy_file_holds_promotion_and_approval_and_each_service_reads_its
     path.write_text("approval: {modes: [deploy]}\n")
     with pytest.raises(ValueError, match="modes"):
         Governance.load(path)
+
+
+# ---- named signers: each person or pipeline its own key, the author bound to it ------------------------
+
+SIGNERS = {"alice": b"alice-key", "bob": b"bob-key"}
+
+
+def test_a_named_signers_event_verifies_by_its_key_and_is_authored_by_it():
+    event = _event(2).signed(SIGNERS["alice"], "alice")
+    assert (event.signer, event.author) == ("alice", "alice")
+    event.check_signature(b"shared-key", SIGNERS)
+    with pytest.raises(InvalidEvent, match="bad signature"):
+        _event(2).signed(SIGNERS["bob"], "alice").check_signature(b"shared-key", SIGNERS)
+    with pytest.raises(InvalidEvent, match="unknown signer 'mallory'"):
+        _event(2).signed(b"mallory-key", "mallory").check_signature(b"shared-key", SIGNERS)
+    claims = event.model_copy(update={"author": "bob"})  # re-signed or not, a signer speaks only for itself
+    with pytest.raises(InvalidEvent, match="author 'bob' is not its signer 'alice'"):
+        claims.model_copy(update={"signature": claims._mac(SIGNERS["alice"])}).check_signature(None, SIGNERS)
+
+
+def test_a_named_signer_cannot_approve_its_own_release_nor_approve_as_another():
+    serving = _step(ModelState("chat"), _event(1), Governance())
+    one = Governance(approval=ApprovalRule(modes=["swap"]))
+    state = _step(serving, _event(2).signed(SIGNERS["alice"], "alice"), one)
+    assert state.roles.pending is not None and state.roles.pending.author == "alice"
+    own = _event(2, ReleaseMode.APPROVE).signed(SIGNERS["alice"], "alice")
+    own.check_signature(None, SIGNERS)
+    with pytest.raises(InvalidEvent, match="may not approve it"):
+        transition(state, own, one, NOW)
+    approved = _step(state, _event(2, ReleaseMode.APPROVE).signed(SIGNERS["bob"], "bob"), one)
+    assert approved.roles.primary == 2
+
+
+def test_events_signed_before_signers_existed_still_verify():
+    event = _event(2)
+    old_form = event.model_dump(mode="json", exclude={"signature", "signer", "provenance"})
+    signature = hmac.new(b"shared-key", json.dumps(old_form, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+    event.model_copy(update={"signature": signature}).check_signature(b"shared-key", SIGNERS)

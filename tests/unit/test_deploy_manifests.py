@@ -132,7 +132,7 @@ def test_the_dashboard_shows_what_operators_watch():
     dashboard = of_kind(render("cpu"), "ConfigMap")
     (data,) = [d["data"]["llmesh-dashboard.json"] for name, d in dashboard.items() if name.startswith("llmesh-grafana-dashboard")]
     titles = " ".join(p["title"].lower() for p in json.loads(data)["panels"])
-    for what in ("latency", "throughput", "error", "tokens", "lag", "swaps", "shadow agreement"):
+    for what in ("latency", "throughput", "error", "tokens", "lag", "swaps", "shadow agreement", "pending approval"):
         assert what in titles
 
 
@@ -173,3 +173,21 @@ def test_the_audit_topic_is_never_compacted_and_kept_for_ever():
     assert audit["spec"]["config"] == {"retention.ms": -1}
     (spec,) = [t for t in topics.TOPICS if t.name == topics.AUDIT]
     assert (spec.compacted, spec.retention_ms) == (False, -1)
+
+
+def test_the_release_policy_is_valid_for_both_services_and_mounted_where_they_read_it(tmp_path: Path):
+    """One ConfigMap: eval validates all of it (promotion), infer reads its approval gates."""
+    from llmesh.common.approval import Governance
+    from services.eval.policy import PromotionPolicy
+
+    docs = render("cpu")
+    (policy,) = [d["data"]["policy.yaml"] for name, d in of_kind(docs, "ConfigMap").items() if name.startswith("llmesh-policy")]
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy)
+    PromotionPolicy.load(path)
+    assert Governance.load(path).approval.modes == ["swap", "canary"], "production gates swaps and large canaries"
+    for name in ("infer", "eval"):
+        (container,) = of_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]["containers"][:1]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert env["LLMESH_POLICY_FILE"] == "/etc/llmesh/policy.yaml" and mounts["/etc/llmesh"] == "policy"

@@ -250,3 +250,9 @@ def release_record(event: ReleaseEvent) -> tuple[bytes, bytes, dict[str, str]]:
     """Value, key and headers of a release event on the release topic (protobuf, keyed by model)."""
     proto = event.to_proto()
     return proto.SerializeToString(), event.model.encode(), headers_for(proto)
+
+
+async def publish_release(broker: KafkaBroker, event: ReleaseEvent) -> None:
+    """Publish a release event the mesh made (the gateway's Admin API, eval's policy) on the release topic."""
+    value, key, headers = release_record(event)
+    await broker.publish(value, topics.RELEASES, key=key, headers=headers)

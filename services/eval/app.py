@@ -271,8 +271,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         event = ReleaseEvent(
             model=model, version=pending.version, mode=ReleaseMode.REJECT, author="llmesh-eval policy", reason=reason
         ).signed(self.settings.release_key())
-        value, key, headers = kafka.release_record(event)
-        await self.broker.publish(value, topics.RELEASES, key=key, headers=headers)
+        await kafka.publish_release(self.broker, event)
         await self.audit.append(
             AuditEntry(
                 id=f"{AuditAction.APPROVAL_EXPIRED}:{pending.event_id}",
@@ -302,8 +301,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             author="llmesh-eval policy",
             reason=reason,
         ).signed(self.settings.release_key())
-        value, key, headers = kafka.release_record(event)
-        await self.broker.publish(value, topics.RELEASES, key=key, headers=headers)
+        await kafka.publish_release(self.broker, event)
         decision = events_pb2.PolicyDecision(
             model=model,
             candidate_version=stats.candidate_version,

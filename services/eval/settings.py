@@ -19,7 +19,8 @@ class EvalSettings(ServiceSettings):
     )
     sensitive_words: list[str] = Field(default_factory=lambda: ["password", "secret", "token", "ssn"])
     webhook_urls: list[str] = Field(
-        default_factory=list, description="HTTP(S) URLs that get refusals, rollbacks and policy decisions (JSON list)"
+        default_factory=list,
+        description="HTTP(S) URLs that get refusals, pending and expired approvals, rollbacks and policy decisions (JSON list)",
     )
     webhook_secret: SecretStr | None = Field(default=None, description="signs every webhook delivery (HMAC-SHA256)")
     webhook_attempts: int = Field(default=5, ge=1, le=20, description="tries per delivery before it is dead-lettered")

@@ -1,5 +1,6 @@
 """Webhook notifications: the audit entries an operator must hear about (a refused release, a
-rollback, a policy decision), POSTed as signed JSON to every configured URL.
+release that waits for approval, an approval that expired, a rollback, a policy decision), POSTed
+as signed JSON to every configured URL.
 
 Level-triggered, like the audit export: each URL has its own cursor over the audit trail
 (`llmesh:webhook:<url digest>:sent`); one eval replica at a time holds a URL's lease and sends what

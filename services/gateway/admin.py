@@ -12,7 +12,7 @@ import time
 import grpc
 from faststream.kafka import KafkaBroker
 
-from llmesh.common import kafka, topics
+from llmesh.common import kafka
 from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
 from llmesh.common.events import InvalidEvent, ReleaseEvent, ReleaseMode
 from llmesh.common.keycheck import CALLER, caller_name
@@ -114,8 +114,7 @@ class AdminService(gateway_pb2_grpc.AdminServicer):
         return gateway_pb2.GetAuditResponse(entries=[e.to_proto() for e in entries], problems=problems)
 
     async def _publish(self, event: ReleaseEvent, action: AuditAction) -> gateway_pb2.PublishReleaseResponse:
-        value, key, headers = kafka.release_record(event)
-        await self.broker.publish(value, topics.RELEASES, key=key, headers=headers)
+        await kafka.publish_release(self.broker, event)
         caller = CALLER.get()  # None when keys are not required
         await self.audit.append(
             AuditEntry(

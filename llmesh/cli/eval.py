@@ -11,6 +11,7 @@ import typer
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
 from llmesh import backtest, client
 from llmesh.cli import report
@@ -42,6 +43,17 @@ CANDIDATE_COLUMNS = (
     "sensitive_hits",
 )
 USAGE_COLUMNS = ("api_key_id", "scenario", "requests", "prompt_tokens", "completion_tokens")
+# The terminal's layout (the JSON and HTML keep every field under its own name): one table per
+# concern, headers whole in 80 columns, candidates one per column.
+TRAFFIC_TABLE = (
+    ("model", "version", "requests", "errors", "latency_ms_mean", "latency_ms_max"),
+    ("model", "version", "requests", "errors", "mean ms", "max ms"),
+)
+TOKENS_TABLE = (
+    ("model", "version", "prompt_tokens", "completion_tokens"),
+    ("model", "version", "prompt tokens", "completion tokens"),
+)
+USAGE_TABLE = (USAGE_COLUMNS, ("API key", "scenario", "requests", "prompt tokens", "completion tokens"))
 BACKTEST_COLUMNS = (
     "version",
     "cases",
@@ -88,9 +100,8 @@ def eval_report(
     if json_out:
         console.print_json(data={"versions": versions, "candidates": candidates, "usage": usage})
     else:
-        console.print(report.table("versions", versions, VERSION_COLUMNS))
-        console.print(report.table("candidates vs primary", candidates, CANDIDATE_COLUMNS))
-        console.print(report.table("token usage", usage, USAGE_COLUMNS))
+        for part in report_tables(versions, candidates, usage):
+            console.print(part)
     if html_out:
         charts = [
             (
@@ -111,6 +122,24 @@ def eval_report(
         ]
         html_out.write_text(report.html_page("llmesh eval report", sections, charts))
         console.print(f"wrote {html_out}")
+
+
+def report_tables(versions: list[dict[str, Any]], candidates: list[dict[str, Any]], usage: list[dict[str, Any]]) -> list[Table]:
+    """The report for a terminal: one table per concern, each whole in 80 columns."""
+    return [
+        report.table("versions: traffic", versions, *TRAFFIC_TABLE),
+        report.table("versions: tokens", versions, *TOKENS_TABLE),
+        *report.vertical("candidates vs primary", candidates, _candidate, CANDIDATE_COLUMNS[2:]),
+        report.table("token usage by key and scenario", usage, *USAGE_TABLE),
+    ]
+
+
+def _version(row: dict[str, Any]) -> str:
+    return f"v{row['version']}"
+
+
+def _candidate(row: dict[str, Any]) -> str:
+    return f"{row['model']} v{row['candidate_version']}"
 
 
 @app.command("backtest")
@@ -135,7 +164,8 @@ def eval_backtest(
             bar = progress.add_task(f"{model}@{v}", total=len(loaded))
             results[v] = backtest.run(address, model, v, loaded, concurrency=concurrency, progress=partial(progress.advance, bar))
     summaries = [backtest.summary(r) for r in results.values()]
-    console.print(report.table(f"backtest of {cases.name} ({len(loaded)} cases)", summaries, BACKTEST_COLUMNS))
+    for part in report.vertical(f"backtest of {cases.name} ({len(loaded)} cases)", summaries, _version, BACKTEST_COLUMNS[1:]):
+        console.print(part)
     if json_out:
         json_out.write_text(backtest.to_json(results))
         console.print(f"wrote {json_out}")

@@ -5,19 +5,36 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.table import Table
 
 CANDIDATE_METRICS = ("exact_match", "token_agreement", "rouge_l", "embedding_cosine", "error_rate", "length_ratio")
+PER_TABLE = 3  # entities side by side in a vertical table: each takes about 15 columns of an 80-column terminal
 
 
-def table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Table:
-    out = Table(*columns, title=title)
+def table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] = ()) -> Table:
+    """Rows as lines; `headers`: the names shown for `columns` (short enough for 80 columns)."""
+    out = Table(*(headers or columns), title=title)
     for row in rows:
         out.add_row(*(_cell(row.get(c, "")) for c in columns))
     return out
+
+
+def vertical(
+    title: str, rows: Sequence[dict[str, Any]], label: Callable[[dict[str, Any]], str], fields: Sequence[str]
+) -> list[Table]:
+    """Each row as a column, each field as a line: tables of at most PER_TABLE rows side by side, so
+    that many measures fit a narrow terminal with their names whole."""
+    tables = []
+    for start in range(0, len(rows), PER_TABLE) or [0]:
+        chunk = rows[start : start + PER_TABLE]
+        out = Table("", *(label(r) for r in chunk), title=title)
+        for name in fields:
+            out.add_row(name, *(_cell(r.get(name, "")) for r in chunk))
+        tables.append(out)
+    return tables
 
 
 def _cell(value: Any) -> str:

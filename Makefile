@@ -48,7 +48,11 @@ unit: setup
 fast: setup
 	$(BIN)/pytest -q -m "not slow and not container"
 
+# promtool unit-tests the alert rules (deploy/prometheus)
+$(BIN)/promtool: deploy/tools/install-promtool.sh | $(STAMP)
+	deploy/tools/install-promtool.sh $(BIN)
+
 # the container tests (tests/container) need a Docker engine: this starts one where it can
-test: lint $(BIN)/kubectl
+test: lint $(BIN)/kubectl $(BIN)/promtool
 	deploy/tools/docker-engine.sh
 	$(BIN)/pytest -q -rs --durations=10

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import replace
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from llmesh.common.approval import Governance, PendingApproval
 from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
@@ -32,6 +32,11 @@ from services.infer.settings import InferSettings
 
 log = logging.getLogger("llmesh.infer.releases")
 CLAIM_HOLD_S = 5.0  # a claim lapses this long after its replica stopped renewing it
+RELEASE_EVENTS = Counter(
+    "llmesh_infer_release_events_total",
+    "Release events by outcome (applied, pending approval, refused), counted once by the replica that decided",
+    ["mode", "outcome"],  # no model label: a hostile client's refused events would make one series per name
+)
 SWAP_SECONDS = Histogram(
     "llmesh_infer_swap_seconds", "Release event applied to traffic routed", buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 60, 120)
 )
@@ -87,8 +92,9 @@ class ReleaseApplier:
         return True
 
     async def _audit(self, action: AuditAction, event: ReleaseEvent, offset: int, reason: str, signed: bool) -> None:
-        """One entry per event and outcome, whichever replica got there (a replay adds nothing). The
+        """One entry (and count) per event and outcome, whichever replica got there (a replay adds nothing). The
         author of an event whose signature failed is only a claim: it is kept apart, not as the actor."""
+        RELEASE_EVENTS.labels(event.mode.value, action.removeprefix("release.")).inc()
         entry = AuditEntry(
             id=f"{action}:{event.event_id}:{offset}",
             action=action,

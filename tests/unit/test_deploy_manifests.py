@@ -21,7 +21,7 @@ from llmesh.common import topics
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 KUBERNETES = "1.31"
-CUSTOM = {"KafkaTopic", "ScaledObject", "PodMonitor"}  # CRDs of Strimzi, KEDA, prometheus-operator
+CUSTOM = {"KafkaTopic", "ScaledObject", "PodMonitor", "PrometheusRule"}  # CRDs of Strimzi, KEDA, prometheus-operator
 SERVICES = {"gateway": 50051, "tokenize": 50052, "infer": 50053, "eval": 50054}
 GATEWAY_HTTP = 8080  # the gateway's OpenAI-compatible HTTP API
 

@@ -1,13 +1,17 @@
 """Batch backtests: a JSONL file of cases sent through the mesh against chosen versions, and scored.
 
-A case: {"id": "...", "prompt": "...", "expected": "...", "label": 0|1 (optional), "max_tokens": N (optional)}.
+A case: {"id": "...", "prompt": "...", "expected": "...", "label": 0|1 (optional), "max_tokens": N (optional),
+"assert": [{"type": "contains", "value": "..."}, ...] (optional)}.
 For labelled cases the prediction is positive when the answer matches the expected text
-(ROUGE-L >= match_threshold), which gives precision, recall and F1.
+(ROUGE-L >= match_threshold), which gives precision, recall and F1. Assertions, as promptfoo writes
+them (`contains`, `icontains`, `equals`, `regex`, `is-json`, each also as `not-...`), give a pass rate
+over the cases that carry any. `gate` compares a summary with thresholds (`--fail-under`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,19 +20,72 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmesh import client
 from llmesh.common.scoring import Embedder, rouge_l, words
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
+ASSERTION_TYPES = ("contains", "icontains", "equals", "regex", "is-json")
+
+
+class Assertion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    value: str = ""
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        if kind.removeprefix("not-") not in ASSERTION_TYPES:
+            raise ValueError(f"unknown assertion {kind!r}; one of {', '.join(ASSERTION_TYPES)}, each also as not-...")
+        return kind
+
+    @model_validator(mode="after")
+    def _compiles(self) -> Assertion:
+        if self.type.removeprefix("not-") == "regex":
+            try:
+                re.compile(self.value)
+            except re.error as err:
+                raise ValueError(f"regex {self.value!r}: {err}") from None
+        return self
+
+    def holds(self, answer: str) -> bool:
+        kind = self.type.removeprefix("not-")
+        if kind == "contains":
+            found = self.value in answer
+        elif kind == "icontains":
+            found = self.value.lower() in answer.lower()
+        elif kind == "equals":
+            found = answer.strip() == self.value.strip()
+        elif kind == "regex":
+            found = re.search(self.value, answer) is not None
+        else:
+            found = _is_json(answer)
+        return found != self.type.startswith("not-")
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.value!r}" if self.value else self.type
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
 
 class Case(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
     id: str
     prompt: str = Field(min_length=1)
     expected: str = ""
     label: int | None = Field(default=None, ge=0, le=1)
     max_tokens: int = Field(default=24, ge=1)
+    assertions: list[Assertion] = Field(default_factory=list, alias="assert")
 
 
 @dataclass
@@ -42,10 +99,21 @@ class CaseResult:
     embedding_cosine: float
     label: int | None
     predicted: int
+    failed: list[str]  # the assertions the answer did not satisfy
+    asserted: bool  # the case carries assertions
 
 
 def load_cases(path: Path) -> list[Case]:
-    return [Case.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
+    """The cases of a JSONL file; ValueError naming the first bad line."""
+    cases = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                cases.append(Case.model_validate_json(line))
+            except ValidationError as err:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in err.errors()[:3])
+                raise ValueError(f"{path.name} line {number}: {problems}") from None
+    return cases
 
 
 def _score(case: Case, version: int, answer: str, error: str, embedder: Embedder, threshold: float) -> CaseResult:
@@ -61,6 +129,8 @@ def _score(case: Case, version: int, answer: str, error: str, embedder: Embedder
         cosine,
         case.label,
         int(rl >= threshold),
+        [str(a) for a in case.assertions if error or not a.holds(answer)],
+        bool(case.assertions),
     )
 
 
@@ -105,6 +175,7 @@ def summary(results: list[CaseResult]) -> dict[str, Any]:
     fn = sum(r.label == 1 and r.predicted == 0 for r in labelled)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
+    asserted = [r for r in results if r.asserted]
     return {
         "version": results[0].version if results else 0,
         "cases": n,
@@ -116,7 +187,30 @@ def summary(results: list[CaseResult]) -> dict[str, Any]:
         "precision": precision,
         "recall": recall,
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "asserted": len(asserted),
+        "pass_rate": sum(not r.failed for r in asserted) / len(asserted) if asserted else 0.0,
     }
+
+
+GATED_METRICS = ("exact_match", "rouge_l", "embedding_cosine", "precision", "recall", "f1", "pass_rate")
+
+
+def parse_threshold(text: str) -> tuple[str, float]:
+    """`rouge_l=0.3` -> ("rouge_l", 0.3); ValueError saying what is wrong."""
+    name, sep, value = text.partition("=")
+    if not sep or name not in GATED_METRICS:
+        raise ValueError(f"{text!r}: write METRIC=VALUE with METRIC one of {', '.join(GATED_METRICS)}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise ValueError(f"{text!r}: {value!r} is not a number") from None
+
+
+def gate(summary: dict[str, Any], thresholds: dict[str, float]) -> list[str]:
+    """The thresholds a summary falls short of, each said in words ([] when it passes)."""
+    return [
+        f"{name} {float(summary[name]):.3f} < {minimum}" for name, minimum in thresholds.items() if float(summary[name]) < minimum
+    ]
 
 
 def to_json(results: dict[int, list[CaseResult]]) -> str:

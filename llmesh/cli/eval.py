@@ -10,6 +10,7 @@ import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -65,6 +66,8 @@ BACKTEST_COLUMNS = (
     "precision",
     "recall",
     "f1",
+    "asserted",
+    "pass_rate",
 )
 
 
@@ -151,11 +154,25 @@ def eval_backtest(
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write every case's result as JSON")] = None,  # noqa: UP045
     html_out: Annotated[Optional[Path], typer.Option("--html", help="write an HTML report with plots")] = None,  # noqa: UP045
+    fail_under: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--fail-under",
+            help="METRIC=VALUE (repeatable): exit 1 when --version scores below it; metrics: "
+            + ", ".join(backtest.GATED_METRICS),
+        ),
+    ] = None,
     gateway: Annotated[Optional[str], typer.Option(help="gateway host:port (default: the local stack)")] = None,  # noqa: UP045
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
-    """Send a case file through the mesh against one version (or two) and score every answer."""
-    loaded = backtest.load_cases(cases)
+    """Send a case file through the mesh against one version (or two) and score every answer; with
+    --fail-under, a gate for a pipeline (exit 1 when a threshold fails, 2 on bad input)."""
+    try:
+        thresholds = dict(backtest.parse_threshold(t) for t in fail_under or [])
+        loaded = backtest.load_cases(cases)
+    except (OSError, ValueError) as err:
+        console.print(f"[red]{escape(str(err))}[/]")
+        raise typer.Exit(2) from err
     address = _address(home, "gateway", gateway)
     versions = [version] if against is None else [version, against]
     results: dict[int, list[backtest.CaseResult]] = {}
@@ -174,3 +191,10 @@ def eval_backtest(
         chart = ("backtest", list(metrics), {f"v{s['version']}": [float(s[m]) for m in metrics] for s in summaries})
         html_out.write_text(report.html_page(f"llmesh backtest: {model}", [("Summary", summaries, BACKTEST_COLUMNS)], [chart]))
         console.print(f"wrote {html_out}")
+    if thresholds:
+        failures = backtest.gate(summaries[0], thresholds)
+        for failure in failures:
+            console.print(f"[red]FAIL[/] {model}@{version}: {failure}")
+        if failures:
+            raise typer.Exit(1)
+        console.print(f"PASS {model}@{version}: " + ", ".join(f"{n} >= {v}" for n, v in thresholds.items()))

@@ -59,3 +59,23 @@ def test_eval_report_as_json_and_html(mesh, gateway, tmp_path: Path):
     assert sum(int(row["requests"]) for row in data["usage"]) >= 1
     page = (tmp_path / "report.html").read_text()
     assert "Candidates vs primary" in page and "<img" in page
+
+
+def test_backtest_gates_a_pipeline_with_fail_under(mesh, gateway, tmp_path: Path):
+    """Exit 0 when every threshold holds, 1 (saying which failed) when one does not, 2 on a bad one."""
+    wait_for_primary(gateway, "bt", 2)  # released by the test above
+    cases = REPO / "examples" / "gate-cases.jsonl"
+    base = [*CLI, "eval", "backtest", "--model", "bt", "--version", "2", "--cases", str(cases), "--home", str(mesh.home)]
+
+    def gated(*thresholds: str) -> subprocess.CompletedProcess[str]:
+        args = [a for t in thresholds for a in ("--fail-under", t)]
+        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+
+    passed = gated("pass_rate=0.5", "rouge_l=0.0")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "PASS bt@2" in passed.stdout and "pass_rate" in passed.stdout
+    failed = gated("pass_rate=0.5", "rouge_l=0.99")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "FAIL bt@2: rouge_l" in failed.stdout and "pass_rate" not in failed.stdout.split("FAIL", 1)[1]
+    bad = gated("bleu=0.5")
+    assert bad.returncode == 2 and "METRIC=VALUE" in bad.stdout

@@ -71,7 +71,7 @@ def test_backtest_gates_a_pipeline_with_fail_under(mesh, gateway, tmp_path: Path
         args = [a for t in thresholds for a in ("--fail-under", t)]
         return subprocess.run([*base, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
 
-    passed = gated("pass_rate=0.5", "rouge_l=0.0")
+    passed = gated("pass_rate=0.4", "rouge_l=0.0")
     assert passed.returncode == 0, passed.stdout + passed.stderr
     assert "PASS bt@2" in passed.stdout and "pass_rate" in passed.stdout
     failed = gated("pass_rate=0.5", "rouge_l=0.99")

@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from llmesh.common import kafka, status, topics
 from llmesh.common.apikeys import ApiKey
 from llmesh.common.chat import ChatMessage
+from llmesh.common.content import AnswerFilter, ContentWatch, Hit, Scanner
 from llmesh.common.polling import AdaptivePolling
 from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import InFlight
@@ -57,6 +58,11 @@ FIRST_CHUNK = Histogram(
     "llmesh_gateway_first_chunk_seconds", "Time to the first text chunk", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 )
 WAITING = Gauge("llmesh_gateway_waiting_requests", "Requests waiting for replies")
+SENSITIVE = Counter(
+    "llmesh_gateway_sensitive_hits_total",
+    "Content-list hits in prompts and answers (LLMESH_CONTENT_RULES_FILE); divide by requests for a rate",
+    ["model", "version", "scenario", "list", "action", "where"],
+)
 log = logging.getLogger("llmesh.gateway")
 RECORDS_IN_FLIGHT = 1024
 CANCEL_SETTLE_S = 5.0  # how long a cancelled request waits for infer to count what it generated
@@ -110,6 +116,7 @@ class Outcome:
     held_tokens: int = 0  # of the key's token budget, until the answer is in
     prompt_tokens: int = 0
     scenario: str = ""
+    stopped: bool = False  # the gateway stopped the answer before its end (infer must stop too)
 
 
 class DataPlane:
@@ -132,6 +139,7 @@ class DataPlane:
         self.pending = PendingReplies()
         self.fleet = FleetGate(registry.redis, self.pending)
         self.records = InFlight(RECORDS_IN_FLIGHT)  # published after the answer left, off the client's path
+        self.content = ContentWatch(settings.content_rules_file)
 
     # ---- catalogue -------------------------------------------------------------------------
 
@@ -180,7 +188,9 @@ class DataPlane:
         traffic = await self._plan(request, request_id)
         route = traffic.answer
         outcome = Outcome(route, request_id, request.stream, shadowed=traffic.shadow is not None, scenario=request.scenario)
-        prompt_ids = await self._encode(route, request.prompt)
+        scanner = self.content.scanner(route.model, request.scenario)
+        prompt = self._screen_prompt(scanner, request.prompt, outcome) if scanner else request.prompt
+        prompt_ids = await self._encode(route, prompt)
         outcome.prompt_tokens = len(prompt_ids)
         await self._admit(request, outcome, len(prompt_ids) + sampling.max_tokens)
         timeout = min(request.timeout_s or math.inf, self.settings.request_timeout_s)
@@ -199,8 +209,9 @@ class DataPlane:
             trace = status.traceparent(request.traceparent)  # one trace for the request and its mirror
             await self._publish(task, trace, self.reply_topic)
             if traffic.shadow is not None:
-                await self._mirror(task, traffic.shadow.version, request.prompt, trace)
+                await self._mirror(task, traffic.shadow.version, prompt, trace)
             deadline = asyncio.get_running_loop().time() + timeout
+            answer = AnswerFilter(scanner) if scanner else None
             async for chunk in self.pending.chunks(outcome.request_id, deadline):
                 if chunk.HasField("error"):
                     outcome.code = status.status_code(chunk.error)
@@ -212,7 +223,9 @@ class DataPlane:
                     outcome.usage = chunk.usage
                     outcome.generation_ms = chunk.generation_ms
                 if outcome.shadowed:
-                    outcome.texts.append(chunk.text)
+                    outcome.texts.append(chunk.text)  # as generated: eval compares the two models' answers
+                if answer is not None:
+                    self._screen_answer(answer, chunk, outcome)
                 yield outcome, chunk
         except ReplyTimeout:
             outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -221,12 +234,43 @@ class DataPlane:
             outcome.code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            if outcome.code == grpc.StatusCode.CANCELLED:
+            if outcome.code == grpc.StatusCode.CANCELLED or outcome.stopped:
                 await self.records.spawn(self._after_cancel(outcome))
             else:
                 self.pending.close(outcome.request_id)
                 WAITING.dec()
                 await self.records.spawn(self._record(outcome, time.perf_counter() - outcome.started))
+
+    def _screen_prompt(self, scanner: Scanner, prompt: Prompt, outcome: Outcome) -> Prompt:
+        """The prompt with what redact lists found masked; refused when a refuse list found anything."""
+        screened: Prompt
+        if isinstance(prompt, str):
+            screened, hits = scanner.scan(prompt)
+        else:
+            scans = [scanner.scan(message.text()) for message in prompt]
+            hits = [hit for _, found in scans for hit in found]
+            screened = [m.model_copy(update={"content": text}) for m, (text, _) in zip(prompt, scans, strict=True)]
+        self._count(scanner, hits, outcome, "prompt")
+        if refusal := scanner.refusal(hits):
+            self._refuse(outcome, grpc.StatusCode.INVALID_ARGUMENT, f"the prompt holds text that {refusal}")
+        return screened
+
+    def _screen_answer(self, answer: AnswerFilter, chunk: events_pb2.TextChunk, outcome: Outcome) -> None:
+        """Mask or stop the answer as it streams (the last characters wait for the next chunk)."""
+        seen = len(answer.hits)
+        chunk.text = answer.feed(chunk.text) + (answer.finish() if chunk.final else "")
+        found = answer.hits[seen:]
+        scanner = answer.scanner
+        self._count(scanner, found, outcome, "answer")
+        if refusal := scanner.refusal(found):
+            outcome.code, outcome.stopped = grpc.StatusCode.FAILED_PRECONDITION, not chunk.final
+            raise GenerationError(outcome.code, f"the answer was stopped: it held text that {refusal}")
+
+    @staticmethod
+    def _count(scanner: Scanner, hits: list[Hit], outcome: Outcome, where: str) -> None:
+        route, scenario = outcome.route, scanner.scenario_label(outcome.scenario)
+        for hit in hits:
+            SENSITIVE.labels(route.model, str(route.version), scenario, hit.list, hit.action.value, where).inc()
 
     def _validate(self, request: GenerationRequest) -> events_pb2.ResolvedSampling:
         try:
@@ -293,13 +337,14 @@ class DataPlane:
         raise GenerationError(code, message, retry_after_s)
 
     async def _after_cancel(self, outcome: Outcome) -> None:
-        """The client cancelled or went away: tell infer to stop, wait for its count of the tokens it
+        """The client cancelled or went away (or the answer was stopped): tell infer to stop, wait for its count of the tokens it
         generated, and charge the key exactly those. A unary answer arrives whole only at its end, so
         its count is unknown: it is charged what was held (as is any request infer does not settle)."""
         elapsed = time.perf_counter() - outcome.started
         final: events_pb2.TextChunk | None = None
         try:
-            cancel_task = events_pb2.CancelTask(request_id=outcome.request_id, reason="the client cancelled")
+            why = "the answer was stopped by a content list" if outcome.stopped else "the client cancelled"
+            cancel_task = events_pb2.CancelTask(request_id=outcome.request_id, reason=why)
             await self.outbox.send(cancel_task, topics.INFER_CANCELS, outcome.request_id, request_id=outcome.request_id)
             deadline = asyncio.get_running_loop().time() + CANCEL_SETTLE_S
             async for chunk in self.pending.chunks(outcome.request_id, deadline):

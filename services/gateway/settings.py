@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 from pydantic import Field
 
@@ -17,3 +18,8 @@ class GatewaySettings(ServiceSettings, RequestLimits):  # the request limits: LL
     http_port: int = Field(default=8080, ge=0, le=65535, description="the OpenAI-compatible HTTP API's port (0: any free)")
     http_max_body_bytes: int = Field(default=1 << 20, ge=1024, description="the largest HTTP request body; beyond: 413")
     request_timeout_s: float = Field(default=60.0, gt=0, description="used when the client sets no deadline")
+    content_rules_file: Path | None = Field(
+        default=None,
+        description="YAML word lists and patterns checked on every prompt and answer (count, redact, refuse); "
+        "read again when it changes",
+    )

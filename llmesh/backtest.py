@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llmesh import client
 from llmesh.common.scoring import Embedder, rouge_l, words
+from llmesh.common.validation import summarize
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 ASSERTION_TYPES = ("contains", "icontains", "equals", "regex", "is-json")
@@ -111,8 +112,7 @@ def load_cases(path: Path) -> list[Case]:
             try:
                 cases.append(Case.model_validate_json(line))
             except ValidationError as err:
-                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in err.errors()[:3])
-                raise ValueError(f"{path.name} line {number}: {problems}") from None
+                raise ValueError(f"{path.name} line {number}: {summarize(err, 3)}") from None
     return cases
 
 

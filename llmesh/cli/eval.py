@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -16,6 +19,7 @@ from rich.table import Table
 
 from llmesh import backtest, client
 from llmesh.cli import report
+from llmesh.cli.audit import since_time
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import eval_pb2, eval_pb2_grpc
 
@@ -55,6 +59,8 @@ TOKENS_TABLE = (
     ("model", "version", "prompt tokens", "completion tokens"),
 )
 USAGE_TABLE = (USAGE_COLUMNS, ("API key", "scenario", "requests", "prompt tokens", "completion tokens"))
+FEEDBACK_COLUMNS = ("model", "version", "scenario", "ratings", "rating_mean", "labels")
+FEEDBACK_TABLE = (FEEDBACK_COLUMNS, ("model", "version", "scenario", "ratings", "mean rating", "labels"))
 BACKTEST_COLUMNS = (
     "version",
     "cases",
@@ -100,10 +106,11 @@ def eval_report(
             console.print(f"[red]{err.code().name}[/]: {err.details()}")
             raise typer.Exit(1) from err
     versions, candidates, usage = _rows(result.versions), _rows(result.candidates), _rows(result.usage)
+    feedback = _rows(result.feedback)
     if json_out:
-        console.print_json(data={"versions": versions, "candidates": candidates, "usage": usage})
+        console.print_json(data={"versions": versions, "candidates": candidates, "usage": usage, "feedback": feedback})
     else:
-        for part in report_tables(versions, candidates, usage):
+        for part in report_tables(versions, candidates, usage, feedback):
             console.print(part)
     if html_out:
         charts = [
@@ -122,18 +129,26 @@ def eval_report(
             ("Versions", versions, VERSION_COLUMNS),
             ("Candidates vs primary", candidates, CANDIDATE_COLUMNS),
             ("Token usage", usage, USAGE_COLUMNS),
+            ("Feedback", feedback, FEEDBACK_COLUMNS),
         ]
         html_out.write_text(report.html_page("llmesh eval report", sections, charts))
         console.print(f"wrote {html_out}")
 
 
-def report_tables(versions: list[dict[str, Any]], candidates: list[dict[str, Any]], usage: list[dict[str, Any]]) -> list[Table]:
+def report_tables(
+    versions: list[dict[str, Any]],
+    candidates: list[dict[str, Any]],
+    usage: list[dict[str, Any]],
+    feedback: Sequence[dict[str, Any]] = (),
+) -> list[Table]:
     """The report for a terminal: one table per concern, each whole in 80 columns."""
+    rated = [row | {"labels": ", ".join(f"{k} {v}" for k, v in sorted(row.get("labels", {}).items()))} for row in feedback]
     return [
         report.table("versions: traffic", versions, *TRAFFIC_TABLE),
         report.table("versions: tokens", versions, *TOKENS_TABLE),
         *report.vertical("candidates vs primary", candidates, _candidate, CANDIDATE_COLUMNS[2:]),
         report.table("token usage by key and scenario", usage, *USAGE_TABLE),
+        report.table("feedback by version and scenario", rated, *FEEDBACK_TABLE),
     ]
 
 
@@ -143,6 +158,34 @@ def _version(row: dict[str, Any]) -> str:
 
 def _candidate(row: dict[str, Any]) -> str:
     return f"{row['model']} v{row['candidate_version']}"
+
+
+@app.command("export")
+def eval_export(
+    out: Annotated[Path, typer.Option(help="the JSONL file to write")],
+    since: Annotated[str, typer.Option(help="rated since: a duration back (30m, 2h, 7d) or an ISO 8601 time")] = "",
+    min_rating: Annotated[int, typer.Option(min=0, max=5, help="only answers rated at least this (1-5)")] = 0,
+    model: str = "",
+    eval_address: Annotated[Optional[str], typer.Option("--eval", help="eval host:port (default: the local stack)")] = None,  # noqa: UP045
+    home: HomeOpt = Path(".llmesh"),
+) -> None:
+    """Write rated answers with their prompts as a fine-tuning set (JSONL: prompt, answer, rating,
+    label, comment, model, version, scenario). Needs LLMESH_RECORD_TEXTS on the gateways."""
+    try:
+        start = since_time(since, time.time()) if since else 0.0
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--since") from err
+    request = eval_pb2.ExportRequest(since=start, min_rating=min_rating, model=model)
+    written = 0
+    with client.channel(_address(home, "eval", eval_address)) as channel, out.open("w") as sink:
+        try:
+            for example in eval_pb2_grpc.EvalStub(channel).ExportExamples(request, timeout=300):
+                sink.write(json.dumps(MessageToDict(example, preserving_proto_field_name=True)) + "\n")
+                written += 1
+        except grpc.RpcError as err:
+            console.print(f"[red]{err.code().name}[/]: {escape(err.details() or '')}")
+            raise typer.Exit(1) from err
+    console.print(f"wrote {written} rated examples to {out}")
 
 
 @app.command("backtest")

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from llmesh.common import topics
-from llmesh.common.validation import MODEL_NAME_PATTERN
+from llmesh.common.validation import MODEL_NAME_PATTERN, summarize
 from llmesh.v1 import events_pb2
 
 
@@ -238,15 +238,11 @@ class ReleaseEvent(BaseModel):
             event._derived = derived
             return event
         except ValidationError as err:
-            raise InvalidEvent(f"invalid release event: {_summarize(err)}") from err
+            raise InvalidEvent(f"invalid release event: {summarize(err)}") from err
         except InvalidEvent:
             raise
         except Exception as err:  # protobuf DecodeError and friends
             raise InvalidEvent(f"undecodable release event: {err}") from err
-
-
-def _summarize(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:5])
 
 
 def content_digest(sha256: dict[str, str]) -> str:

@@ -14,6 +14,7 @@ DEAD_LETTER = "llmesh.dlq"  # original payload + reason headers
 SHADOW_RESULTS = "llmesh.shadow.results"  # infer -> eval (TextChunk of a shadow candidate)
 EVAL_DECISIONS = "llmesh.eval.decisions"  # eval -> anyone (PolicyDecision)
 INFER_CANCELS = "llmesh.infer.cancels"  # gateway -> every infer replica (CancelTask)
+FEEDBACK = "llmesh.feedback"  # gateway -> eval (FeedbackEvent)
 AUDIT = "llmesh.audit"  # eval -> anyone (AuditRecord, the audit trail in chain order); never compacted
 SHADOW_SUFFIX = ".shadow"  # a mirrored request's id is the primary's id plus this
 
@@ -38,6 +39,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(EVAL_DECISIONS, 1),
     TopicSpec(INFER_CANCELS, 1),
     TopicSpec(AUDIT, 1, retention_ms=-1),
+    TopicSpec(FEEDBACK, 1),
 )
 REPLY_PARTITIONS = 1
 

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from llmesh.v1 import common_pb2, events_pb2, gateway_pb2, tokenize_pb2
 
@@ -296,3 +296,8 @@ def validate_tokenize(request: tokenize_pb2.TokenizeRequest, limits: RequestLimi
     validate_model_name(request.model)
     validate_version(request.version, required=False)
     validate_text(request.text, limits)
+
+
+def summarize(err: ValidationError, limit: int = 5) -> str:
+    """A pydantic error in one line a client can act on: `field: what is wrong; ...`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:limit])

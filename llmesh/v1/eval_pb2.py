@@ -24,23 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmesh/v1/eval.proto\x12\tllmesh.v1\"!\n\x10GetReportRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb3\x01\n\x0cVersionStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x04\x12\x17\n\x0flatency_ms_mean\x18\x07 \x01(\x01\x12\x16\n\x0elatency_ms_max\x18\x08 \x01(\x01\"\xc5\x02\n\x0e\x43\x61ndidateStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x02 \x01(\r\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\r\n\x05pairs\x18\x04 \x01(\x04\x12\x0f\n\x07missing\x18\x05 \x01(\x04\x12\x18\n\x10\x63\x61ndidate_errors\x18\x06 \x01(\x04\x12\x13\n\x0b\x65xact_match\x18\x07 \x01(\x01\x12\x17\n\x0ftoken_agreement\x18\x08 \x01(\x01\x12\x0f\n\x07rouge_l\x18\t \x01(\x01\x12\x18\n\x10\x65mbedding_cosine\x18\n \x01(\x01\x12\x18\n\x10latency_delta_ms\x18\x0b \x01(\x01\x12\x14\n\x0clength_ratio\x18\x0c \x01(\x01\x12\x16\n\x0esensitive_hits\x18\r \x01(\x04\x12\x12\n\nerror_rate\x18\x0e \x01(\x01\x12\x0c\n\x04late\x18\x0f \x01(\x04\"t\n\x08UsageRow\x12\x12\n\napi_key_id\x18\x01 \x01(\t\x12\x10\n\x08scenario\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\"\x8a\x01\n\nEvalReport\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.llmesh.v1.VersionStats\x12-\n\ncandidates\x18\x02 \x03(\x0b\x32\x19.llmesh.v1.CandidateStats\x12\"\n\x05usage\x18\x03 \x03(\x0b\x32\x13.llmesh.v1.UsageRow2G\n\x04\x45val\x12?\n\tGetReport\x12\x1b.llmesh.v1.GetReportRequest\x1a\x15.llmesh.v1.EvalReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmesh/v1/eval.proto\x12\tllmesh.v1\"A\n\rExportRequest\x12\r\n\x05since\x18\x01 \x01(\x01\x12\x12\n\nmin_rating\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\"\xab\x01\n\x07\x45xample\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x10\n\x08scenario\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x06 \x01(\t\x12\x0e\n\x06rating\x18\x07 \x01(\x05\x12\r\n\x05label\x18\x08 \x01(\t\x12\x0f\n\x07\x63omment\x18\t \x01(\t\x12\n\n\x02\x61t\x18\n \x01(\x01\"\xc8\x01\n\x0b\x46\x65\x65\x64\x62\x61\x63kRow\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x0f\n\x07ratings\x18\x04 \x01(\x04\x12\x13\n\x0brating_mean\x18\x05 \x01(\x01\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".llmesh.v1.FeedbackRow.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"!\n\x10GetReportRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb3\x01\n\x0cVersionStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x04\x12\x17\n\x0flatency_ms_mean\x18\x07 \x01(\x01\x12\x16\n\x0elatency_ms_max\x18\x08 \x01(\x01\"\xc5\x02\n\x0e\x43\x61ndidateStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x02 \x01(\r\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\r\n\x05pairs\x18\x04 \x01(\x04\x12\x0f\n\x07missing\x18\x05 \x01(\x04\x12\x18\n\x10\x63\x61ndidate_errors\x18\x06 \x01(\x04\x12\x13\n\x0b\x65xact_match\x18\x07 \x01(\x01\x12\x17\n\x0ftoken_agreement\x18\x08 \x01(\x01\x12\x0f\n\x07rouge_l\x18\t \x01(\x01\x12\x18\n\x10\x65mbedding_cosine\x18\n \x01(\x01\x12\x18\n\x10latency_delta_ms\x18\x0b \x01(\x01\x12\x14\n\x0clength_ratio\x18\x0c \x01(\x01\x12\x16\n\x0esensitive_hits\x18\r \x01(\x04\x12\x12\n\nerror_rate\x18\x0e \x01(\x01\x12\x0c\n\x04late\x18\x0f \x01(\x04\"t\n\x08UsageRow\x12\x12\n\napi_key_id\x18\x01 \x01(\t\x12\x10\n\x08scenario\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\"\xb4\x01\n\nEvalReport\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.llmesh.v1.VersionStats\x12-\n\ncandidates\x18\x02 \x03(\x0b\x32\x19.llmesh.v1.CandidateStats\x12\"\n\x05usage\x18\x03 \x03(\x0b\x32\x13.llmesh.v1.UsageRow\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x04 \x03(\x0b\x32\x16.llmesh.v1.FeedbackRow2\x89\x01\n\x04\x45val\x12?\n\tGetReport\x12\x1b.llmesh.v1.GetReportRequest\x1a\x15.llmesh.v1.EvalReport\x12@\n\x0e\x45xportExamples\x12\x18.llmesh.v1.ExportRequest\x1a\x12.llmesh.v1.Example0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.eval_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETREPORTREQUEST']._serialized_start=35
-  _globals['_GETREPORTREQUEST']._serialized_end=68
-  _globals['_VERSIONSTATS']._serialized_start=71
-  _globals['_VERSIONSTATS']._serialized_end=250
-  _globals['_CANDIDATESTATS']._serialized_start=253
-  _globals['_CANDIDATESTATS']._serialized_end=578
-  _globals['_USAGEROW']._serialized_start=580
-  _globals['_USAGEROW']._serialized_end=696
-  _globals['_EVALREPORT']._serialized_start=699
-  _globals['_EVALREPORT']._serialized_end=837
-  _globals['_EVAL']._serialized_start=839
-  _globals['_EVAL']._serialized_end=910
+  _globals['_FEEDBACKROW_LABELSENTRY']._loaded_options = None
+  _globals['_FEEDBACKROW_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_EXPORTREQUEST']._serialized_start=35
+  _globals['_EXPORTREQUEST']._serialized_end=100
+  _globals['_EXAMPLE']._serialized_start=103
+  _globals['_EXAMPLE']._serialized_end=274
+  _globals['_FEEDBACKROW']._serialized_start=277
+  _globals['_FEEDBACKROW']._serialized_end=477
+  _globals['_FEEDBACKROW_LABELSENTRY']._serialized_start=432
+  _globals['_FEEDBACKROW_LABELSENTRY']._serialized_end=477
+  _globals['_GETREPORTREQUEST']._serialized_start=479
+  _globals['_GETREPORTREQUEST']._serialized_end=512
+  _globals['_VERSIONSTATS']._serialized_start=515
+  _globals['_VERSIONSTATS']._serialized_end=694
+  _globals['_CANDIDATESTATS']._serialized_start=697
+  _globals['_CANDIDATESTATS']._serialized_end=1022
+  _globals['_USAGEROW']._serialized_start=1024
+  _globals['_USAGEROW']._serialized_end=1140
+  _globals['_EVALREPORT']._serialized_start=1143
+  _globals['_EVALREPORT']._serialized_end=1323
+  _globals['_EVAL']._serialized_start=1326
+  _globals['_EVAL']._serialized_end=1463
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class EvalStub:
                 request_serializer=llmesh_dot_v1_dot_eval__pb2.GetReportRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_eval__pb2.EvalReport.FromString,
                 _registered_method=True)
+        self.ExportExamples = channel.unary_stream(
+                '/llmesh.v1.Eval/ExportExamples',
+                request_serializer=llmesh_dot_v1_dot_eval__pb2.ExportRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_eval__pb2.Example.FromString,
+                _registered_method=True)
 
 
 class EvalServicer:
@@ -52,6 +57,13 @@ class EvalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportExamples(self, request, context):
+        """Rated answers with their prompts, as a fine-tuning set (FAILED_PRECONDITION when none were recorded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_EvalServicer_to_server(servicer, server):
                     servicer.GetReport,
                     request_deserializer=llmesh_dot_v1_dot_eval__pb2.GetReportRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_eval__pb2.EvalReport.SerializeToString,
+            ),
+            'ExportExamples': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportExamples,
+                    request_deserializer=llmesh_dot_v1_dot_eval__pb2.ExportRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_eval__pb2.Example.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class Eval:
             '/llmesh.v1.Eval/GetReport',
             llmesh_dot_v1_dot_eval__pb2.GetReportRequest.SerializeToString,
             llmesh_dot_v1_dot_eval__pb2.EvalReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportExamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmesh.v1.Eval/ExportExamples',
+            llmesh_dot_v1_dot_eval__pb2.ExportRequest.SerializeToString,
+            llmesh_dot_v1_dot_eval__pb2.Example.FromString,
             options,
             channel_credentials,
             insecure,

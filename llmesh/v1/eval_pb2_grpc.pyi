@@ -34,6 +34,8 @@ class EvalStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EvalAsyncStub: ...
     GetReport: _grpc.UnaryUnaryMultiCallable[_eval_pb2.GetReportRequest, _eval_pb2.EvalReport]
+    ExportExamples: _grpc.UnaryStreamMultiCallable[_eval_pb2.ExportRequest, _eval_pb2.Example]
+    """Rated answers with their prompts, as a fine-tuning set (FAILED_PRECONDITION when none were recorded)."""
 
 @_typing.type_check_only
 class EvalAsyncStub(EvalStub):
@@ -41,6 +43,8 @@ class EvalAsyncStub(EvalStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetReport: _aio.UnaryUnaryMultiCallable[_eval_pb2.GetReportRequest, _eval_pb2.EvalReport]  # type: ignore[assignment]
+    ExportExamples: _aio.UnaryStreamMultiCallable[_eval_pb2.ExportRequest, _eval_pb2.Example]  # type: ignore[assignment]
+    """Rated answers with their prompts, as a fine-tuning set (FAILED_PRECONDITION when none were recorded)."""
 
 class EvalServicer(metaclass=_abc_1.ABCMeta):
     """The eval service's own API: aggregates of finished generations, and how candidates compare."""
@@ -51,5 +55,13 @@ class EvalServicer(metaclass=_abc_1.ABCMeta):
         request: _eval_pb2.GetReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_eval_pb2.EvalReport, _abc.Awaitable[_eval_pb2.EvalReport]]: ...
+
+    @_abc_1.abstractmethod
+    def ExportExamples(
+        self,
+        request: _eval_pb2.ExportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_eval_pb2.Example], _abc.AsyncIterator[_eval_pb2.Example]]:
+        """Rated answers with their prompts, as a fine-tuning set (FAILED_PRECONDITION when none were recorded)."""
 
 def add_EvalServicer_to_server(servicer: EvalServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

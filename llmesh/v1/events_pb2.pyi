@@ -271,6 +271,8 @@ class GenerationRecord(_message.Message):
     API_KEY_ID_FIELD_NUMBER: _builtins.int
     SCENARIO_FIELD_NUMBER: _builtins.int
     GENERATION_MS_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -288,6 +290,10 @@ class GenerationRecord(_message.Message):
     scenario: _builtins.str
     """the client's x-scenario metadata"""
     generation_ms: _builtins.float
+    prompt: _builtins.str
+    """only with LLMESH_RECORD_TEXTS on the gateway: the prompt as the model saw it ..."""
+    answer: _builtins.str
+    """... and the answer as the client got it (content lists applied)"""
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -307,14 +313,61 @@ class GenerationRecord(_message.Message):
         api_key_id: _builtins.str = ...,
         scenario: _builtins.str = ...,
         generation_ms: _builtins.float = ...,
+        prompt: _builtins.str = ...,
+        answer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "finished_at", b"finished_at", "first_token_ms", b"first_token_ms", "generation_ms", b"generation_ms", "latency_ms", b"latency_ms", "model", b"model", "request_id", b"request_id", "scenario", b"scenario", "shadowed", b"shadowed", "status_code", b"status_code", "stream", b"stream", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "finished_at", b"finished_at", "first_token_ms", b"first_token_ms", "generation_ms", b"generation_ms", "latency_ms", b"latency_ms", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "scenario", b"scenario", "shadowed", b"shadowed", "status_code", b"status_code", "stream", b"stream", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationRecord: _TypeAlias = GenerationRecord  # noqa: Y015
+
+@_typing.final
+class FeedbackEvent(_message.Message):
+    """Topic llmesh.feedback (gateway -> eval), key = request id: a client's rating of one answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SCENARIO_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    RATING_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    model: _builtins.str
+    version: _builtins.int
+    scenario: _builtins.str
+    api_key_id: _builtins.str
+    rating: _builtins.int
+    label: _builtins.str
+    comment: _builtins.str
+    at: _builtins.float
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        scenario: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        rating: _builtins.int = ...,
+        label: _builtins.str = ...,
+        comment: _builtins.str = ...,
+        at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "at", b"at", "comment", b"comment", "label", b"label", "model", b"model", "rating", b"rating", "request_id", b"request_id", "scenario", b"scenario", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackEvent: _TypeAlias = FeedbackEvent  # noqa: Y015
 
 @_typing.final
 class PolicyDecision(_message.Message):

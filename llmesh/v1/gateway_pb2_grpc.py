@@ -56,6 +56,11 @@ class GatewayStub:
                 request_serializer=llmesh_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.SubmitFeedback = channel.unary_unary(
+                '/llmesh.v1.Gateway/SubmitFeedback',
+                request_serializer=llmesh_dot_v1_dot_gateway__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_gateway__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -88,6 +93,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitFeedback(self, request, context):
+        """A rating of an answer, by the key that asked for it (within LLMESH_FEEDBACK_WINDOW_S).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=llmesh_dot_v1_dot_gateway__pb2.GetModelRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_gateway__pb2.ModelInfo.SerializeToString,
+            ),
+            'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedback,
+                    request_deserializer=llmesh_dot_v1_dot_gateway__pb2.FeedbackRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_gateway__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +238,33 @@ class Gateway:
             '/llmesh.v1.Gateway/GetModel',
             llmesh_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
             llmesh_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Gateway/SubmitFeedback',
+            llmesh_dot_v1_dot_gateway__pb2.FeedbackRequest.SerializeToString,
+            llmesh_dot_v1_dot_gateway__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

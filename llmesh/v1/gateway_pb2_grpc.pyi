@@ -40,6 +40,8 @@ class GatewayStub:
     """Streams the answer as it is generated; the last chunk carries finish_reason and usage."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListModelsRequest, _gateway_pb2.ListModelsResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetModelRequest, _gateway_pb2.ModelInfo]
+    SubmitFeedback: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.FeedbackRequest, _gateway_pb2.FeedbackResponse]
+    """A rating of an answer, by the key that asked for it (within LLMESH_FEEDBACK_WINDOW_S)."""
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -52,6 +54,8 @@ class GatewayAsyncStub(GatewayStub):
     """Streams the answer as it is generated; the last chunk carries finish_reason and usage."""
     ListModels: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListModelsRequest, _gateway_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetModelRequest, _gateway_pb2.ModelInfo]  # type: ignore[assignment]
+    SubmitFeedback: _aio.UnaryUnaryMultiCallable[_gateway_pb2.FeedbackRequest, _gateway_pb2.FeedbackResponse]  # type: ignore[assignment]
+    """A rating of an answer, by the key that asked for it (within LLMESH_FEEDBACK_WINDOW_S)."""
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
     """The public API of the mesh."""
@@ -85,6 +89,14 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.ModelInfo, _abc.Awaitable[_gateway_pb2.ModelInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitFeedback(
+        self,
+        request: _gateway_pb2.FeedbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.FeedbackResponse, _abc.Awaitable[_gateway_pb2.FeedbackResponse]]:
+        """A rating of an answer, by the key that asked for it (within LLMESH_FEEDBACK_WINDOW_S)."""
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -9,18 +9,20 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import grpc
 from faststream.kafka import KafkaMessage
+from google.protobuf.json_format import MessageToJson, Parse
 from prometheus_client import Counter, Gauge
 
 from llmesh.common import kafka, topics
 from llmesh.common.apikeys import ApiKeyStore, Scope
 from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
 from llmesh.common.events import ReleaseEvent, ReleaseMode
+from llmesh.common.feedback import FEEDBACK_DATA, FEEDBACK_INDEX, RecordedText, recorded_key
 from llmesh.common.keycheck import CALLER
 from llmesh.common.registry import Registry
 from llmesh.common.scoring import Embedder, score_pair
@@ -49,7 +51,12 @@ PENDING_APPROVALS = Gauge("llmesh_release_pending_approvals", "Releases that wai
 PENDING_AGE = Gauge(
     "llmesh_release_pending_approval_age_seconds", "How long the release that waits for approval has waited", ["model"]
 )
+FEEDBACK = Counter("llmesh_eval_feedback_total", "Ratings of answers, by version and rating", ["model", "version", "rating"])
 AUDIT_EXPORT_S = 1.0
+NOT_RECORDED = (
+    "these answers were rated, but no prompt or answer was recorded: set LLMESH_RECORD_TEXTS=true on the gateways "
+    "(off by default, for privacy); only requests answered after that can be exported"
+)
 
 
 def _background_thread() -> None:
@@ -96,6 +103,12 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         )
         kafka.subscribe(
             self.broker,
+            topics.FEEDBACK,
+            kafka.consumer_options(opts, f"{topics.GROUP_EVAL}-feedback", control=True),
+            self.on_feedback,
+        )
+        kafka.subscribe(
+            self.broker,
             topics.SHADOW_RESULTS,
             kafka.consumer_options(opts, f"{topics.GROUP_EVAL}-shadow", control=True),
             self.on_shadow,
@@ -133,9 +146,28 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         if record is None or not self.stats.add(record):
             return
         RECORDS.labels(record.model, str(record.version)).inc()
+        if record.prompt:  # the gateways record texts (LLMESH_RECORD_TEXTS): kept for the fine-tuning export
+            text = RecordedText(prompt=record.prompt, answer=record.answer).model_dump_json()
+            await self.registry.redis.set(recorded_key(record.request_id), text, ex=int(self.settings.record_retention_s))
         if record.shadowed:
             side = Side(record.model, record.version, record.text, record.generation_ms, record.status_code != 0)
             await self._join(record.request_id, "answer", side)
+
+    async def on_feedback(self, msg: KafkaMessage) -> None:
+        """A rating: counted per version and scenario, and kept (the latest per request) for the export."""
+        event = await self.dead_letters.decode(msg, events_pb2.FeedbackEvent, self.seal)
+        if event is None:
+            return
+        self.stats.add_feedback(event)
+        FEEDBACK.labels(event.model, str(event.version), str(event.rating)).inc()
+        expired = time.time() - self.settings.record_retention_s
+        async with self.registry.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(FEEDBACK_DATA, event.request_id, MessageToJson(event))
+            pipe.zadd(FEEDBACK_INDEX, {event.request_id: event.at})
+            await pipe.execute()
+        if old := await self.registry.redis.zrangebyscore(FEEDBACK_INDEX, "-inf", expired, start=0, num=100):
+            await self.registry.redis.hdel(FEEDBACK_DATA, *old)
+            await self.registry.redis.zrem(FEEDBACK_INDEX, *old)
 
     async def on_shadow(self, msg: KafkaMessage) -> None:
         chunk = await self.dead_letters.decode(msg, events_pb2.TextChunk, self.seal)
@@ -349,6 +381,28 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
 
     # ---- gRPC ----------------------------------------------------------------------------------
 
+    async def ExportExamples(
+        self, request: eval_pb2.ExportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[eval_pb2.Example]:
+        """Rated answers with their recorded prompts, oldest first; refused when ratings exist but no
+        text was recorded (the gateways' LLMESH_RECORD_TEXTS is off, as it is by default)."""
+        ids = [str(i) for i in await self.registry.redis.zrangebyscore(FEEDBACK_INDEX, request.since or "-inf", "+inf")]
+        rated = exported = 0
+        for start in range(0, len(ids), 500):
+            batch = ids[start : start + 500]
+            ratings = await self.registry.redis.hmget(FEEDBACK_DATA, batch)
+            texts = await self.registry.redis.mget([recorded_key(i) for i in batch])
+            for raw, text in zip(ratings, texts, strict=True):
+                event = Parse(raw, events_pb2.FeedbackEvent()) if raw else None
+                if event is None or event.rating < request.min_rating or (request.model and event.model != request.model):
+                    continue
+                rated += 1
+                if text:
+                    exported += 1
+                    yield _example(event, RecordedText.model_validate_json(text))
+        if rated and not exported:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_RECORDED)
+
     async def GetReport(self, request: eval_pb2.GetReportRequest, context: grpc.aio.ServicerContext) -> eval_pb2.EvalReport:
         """With keys required, every key's usage goes only to an admin key; other callers see their own."""
         caller = CALLER.get()
@@ -357,6 +411,21 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             if stats := await self.candidate_stats(model):
                 report.candidates.append(stats)
         return report
+
+
+def _example(event: events_pb2.FeedbackEvent, recorded: RecordedText) -> eval_pb2.Example:
+    return eval_pb2.Example(
+        request_id=event.request_id,
+        model=event.model,
+        version=event.version,
+        scenario=event.scenario,
+        prompt=recorded.prompt,
+        answer=recorded.answer,
+        rating=event.rating,
+        label=event.label,
+        comment=event.comment,
+        at=event.at,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,9 @@ class EvalSettings(ServiceSettings):
     )
     webhook_secret: SecretStr | None = Field(default=None, description="signs every webhook delivery (HMAC-SHA256)")
     webhook_attempts: int = Field(default=5, ge=1, le=20, description="tries per delivery before it is dead-lettered")
+    record_retention_s: float = Field(
+        default=30 * 24 * 3600, gt=0, description="how long recorded prompts, answers and feedback are kept for the export"
+    )
 
     @model_validator(mode="after")
     def _webhooks_are_signed(self) -> EvalSettings:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 
 from llmesh.v1 import eval_pb2, events_pb2
 
@@ -26,6 +26,19 @@ class VersionAggregate:
         self.latency_ms_max = max(self.latency_ms_max, record.latency_ms)
 
 
+@dataclass
+class FeedbackAggregate:
+    ratings: int = 0
+    rating_sum: int = 0
+    labels: Counter[str] = field(default_factory=Counter)
+
+    def add(self, rating: int, label: str, sign: int = 1) -> None:
+        self.ratings += sign
+        self.rating_sum += sign * rating
+        if label:
+            self.labels[label] += sign
+
+
 class GenerationStats:
     """Per model version, and token usage per API key and scenario."""
 
@@ -34,6 +47,19 @@ class GenerationStats:
         self._usage: dict[tuple[str, str], VersionAggregate] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()  # the latest request ids: a replayed record counts once
         self._remember = remember
+        self._feedback: dict[tuple[str, int, str], FeedbackAggregate] = {}
+        self._rated: OrderedDict[str, events_pb2.FeedbackEvent] = OrderedDict()  # a request's latest feedback counts
+
+    def add_feedback(self, event: events_pb2.FeedbackEvent) -> None:
+        """Count a rating; a later one of the same request replaces it (a replay changes nothing)."""
+        if (before := self._rated.pop(event.request_id, None)) is not None:
+            self._feedback[(before.model, before.version, before.scenario)].add(before.rating, before.label, -1)
+        self._rated[event.request_id] = event
+        if len(self._rated) > self._remember:
+            self._rated.popitem(last=False)
+        self._feedback.setdefault((event.model, event.version, event.scenario), FeedbackAggregate()).add(
+            event.rating, event.label
+        )
 
     def add(self, record: events_pb2.GenerationRecord) -> bool:
         """Count a record; False (counting nothing) for a request counted already."""
@@ -75,4 +101,16 @@ class GenerationStats:
             for (key, scenario), agg in sorted(self._usage.items())
             if usage_of is None or key == usage_of
         ]
-        return eval_pb2.EvalReport(versions=rows, usage=usage)
+        feedback = [
+            eval_pb2.FeedbackRow(
+                model=name,
+                version=version,
+                scenario=scenario,
+                ratings=agg.ratings,
+                rating_mean=agg.rating_sum / agg.ratings,
+                labels={label: n for label, n in agg.labels.items() if n > 0},
+            )
+            for (name, version, scenario), agg in sorted(self._feedback.items())
+            if agg.ratings and (not model or name == model)
+        ]
+        return eval_pb2.EvalReport(versions=rows, usage=usage, feedback=feedback)

@@ -11,14 +11,16 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from faststream.kafka import KafkaMessage
+from pydantic import ValidationError
 
 from llmesh.common import kafka, topics
 from llmesh.common.apikeys import ApiKeyStore
+from llmesh.common.feedback import FeedbackInput
 from llmesh.common.keycheck import CALLER, KeyRing, secret_of
 from llmesh.common.registry import Registry
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
-from llmesh.common.validation import SamplingValues
+from llmesh.common.validation import SamplingValues, summarize
 from llmesh.v1 import events_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import AdminService
 from services.gateway.auth import Quotas
@@ -91,6 +93,21 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
     async def GetModel(self, request: gateway_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.ModelInfo:
         try:
             return await self.plane.model(request.name, with_history=True)
+        except GenerationError as err:
+            await context.abort(err.code, err.message)
+            raise
+
+    async def SubmitFeedback(
+        self, request: gateway_pb2.FeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.FeedbackResponse:
+        try:
+            given = FeedbackInput(
+                request_id=request.request_id, rating=request.rating, label=request.label, comment=request.comment
+            )
+            return await self.plane.feedback(given, CALLER.get())
+        except ValidationError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid feedback: {summarize(err)}")
+            raise
         except GenerationError as err:
             await context.abort(err.code, err.message)
             raise

@@ -22,11 +22,13 @@ from typing import NoReturn
 import grpc
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
+from redis.typing import EncodableT, FieldT
 
 from llmesh.common import kafka, status, topics
 from llmesh.common.apikeys import ApiKey
 from llmesh.common.chat import ChatMessage
 from llmesh.common.content import AnswerFilter, ContentWatch, Hit, Scanner
+from llmesh.common.feedback import FeedbackInput, RequestOwner, request_key
 from llmesh.common.polling import AdaptivePolling
 from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import InFlight
@@ -117,6 +119,8 @@ class Outcome:
     prompt_tokens: int = 0
     scenario: str = ""
     stopped: bool = False  # the gateway stopped the answer before its end (infer must stop too)
+    recorded_prompt: str = ""  # with record_texts: the prompt as the model saw it ...
+    recorded_answer: list[str] = field(default_factory=list)  # ... and the answer as the client got it
 
 
 class DataPlane:
@@ -190,6 +194,8 @@ class DataPlane:
         outcome = Outcome(route, request_id, request.stream, shadowed=traffic.shadow is not None, scenario=request.scenario)
         scanner = self.content.scanner(route.model, request.scenario)
         prompt = self._screen_prompt(scanner, request.prompt, outcome) if scanner else request.prompt
+        if self.settings.record_texts:
+            outcome.recorded_prompt = _prompt_text(prompt)
         prompt_ids = await self._encode(route, prompt)
         outcome.prompt_tokens = len(prompt_ids)
         await self._admit(request, outcome, len(prompt_ids) + sampling.max_tokens)
@@ -226,6 +232,8 @@ class DataPlane:
                     outcome.texts.append(chunk.text)  # as generated: eval compares the two models' answers
                 if answer is not None:
                     self._screen_answer(answer, chunk, outcome)
+                if self.settings.record_texts:
+                    outcome.recorded_answer.append(chunk.text)
                 yield outcome, chunk
         except ReplyTimeout:
             outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -408,13 +416,52 @@ class DataPlane:
             api_key_id=outcome.api_key_id,
             scenario=outcome.scenario,
             generation_ms=outcome.generation_ms,
+            prompt=outcome.recorded_prompt,
+            answer="".join(outcome.recorded_answer),
         )
         try:
+            if outcome.code == grpc.StatusCode.OK:  # the answer may be rated, by the key that asked for it
+                await self._remember_owner(outcome)
             await self.outbox.send(
                 record, topics.GENERATE_RESULTS, outcome.request_id, request_id=outcome.request_id, no_confirm=True
             )
         except Exception:  # a lost record must not fail the client's request
             log.warning("could not publish the generation record", exc_info=True)
+
+    async def _remember_owner(self, outcome: Outcome) -> None:
+        owner = RequestOwner(
+            api_key_id=outcome.api_key_id, model=outcome.route.model, version=outcome.route.version, scenario=outcome.scenario
+        )
+        async with self.registry.redis.pipeline(transaction=False) as pipe:
+            fields: dict[FieldT, EncodableT] = {k: str(v) for k, v in owner.model_dump().items()}
+            pipe.hset(request_key(outcome.request_id), mapping=fields)
+            pipe.expire(request_key(outcome.request_id), int(self.settings.feedback_window_s))
+            await pipe.execute()
+
+    # ---- feedback ----------------------------------------------------------------------------
+
+    async def feedback(self, given: FeedbackInput, caller: ApiKey | None) -> gateway_pb2.FeedbackResponse:
+        """Publish a rating of an answer, from the key that asked for it (any caller when keys are off)."""
+        raw = await self.registry.redis.hgetall(request_key(given.request_id))
+        if not raw:
+            window = f"{self.settings.feedback_window_s / 3600:g} hours"
+            raise GenerationError(grpc.StatusCode.NOT_FOUND, f"no answered request {given.request_id} in the last {window}")
+        owner = RequestOwner.model_validate(raw)
+        if caller is not None and caller.id != owner.api_key_id:
+            raise GenerationError(grpc.StatusCode.PERMISSION_DENIED, "only the key that made a request may rate its answer")
+        event = events_pb2.FeedbackEvent(
+            request_id=given.request_id,
+            model=owner.model,
+            version=owner.version,
+            scenario=owner.scenario,
+            api_key_id=owner.api_key_id,
+            rating=given.rating,
+            label=given.label,
+            comment=given.comment,
+            at=time.time(),
+        )
+        await self.outbox.send(event, topics.FEEDBACK, given.request_id, request_id=given.request_id)
+        return gateway_pb2.FeedbackResponse(request_id=given.request_id, model=owner.model, version=owner.version)
 
 
 def _encode(tokenizer: VersionTokenizer, prompt: Prompt, max_chars: int) -> list[int]:

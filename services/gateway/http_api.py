@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmesh.common.apikeys import ApiKey
 from llmesh.common.apikeys import Scope as KeyScope
+from llmesh.common.feedback import FeedbackInput
 from llmesh.common.keycheck import KeyRing, Refused, secret_of
 from llmesh.common.outages import unexpected
 from llmesh.common.validation import bounded, shown
@@ -135,6 +136,13 @@ class HttpApi:
             if entry := next((entry for entry in entries if entry["id"] == model_id), None):
                 return JSONResponse(entry)
             raise GenerationError(grpc.StatusCode.NOT_FOUND, f"model {shown(model_id)} is not served")
+
+        @app.post("/v1/feedback")
+        async def feedback(body: FeedbackInput, caller: ApiKey | None = key) -> Response:
+            """A rating of an answer: `request_id` is the completion's id (or its x-request-id header)."""
+            plain = body.model_copy(update={"request_id": body.request_id.removeprefix("chatcmpl-").removeprefix("cmpl-")})
+            reply = await self.plane.feedback(plain, caller)
+            return JSONResponse({"object": "feedback", "request_id": reply.request_id, "model": f"{reply.model}@{reply.version}"})
 
         @app.get("/healthz")
         async def live() -> Response:

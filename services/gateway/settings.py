@@ -23,3 +23,9 @@ class GatewaySettings(ServiceSettings, RequestLimits):  # the request limits: LL
         description="YAML word lists and patterns checked on every prompt and answer (count, redact, refuse); "
         "read again when it changes",
     )
+    record_texts: bool = Field(
+        default=False,
+        description="keep each request's prompt and answer in its generation record (eval keeps them for the fine-tuning "
+        "export); off by default: privacy",
+    )
+    feedback_window_s: float = Field(default=7 * 24 * 3600, gt=0, description="how long an answer may be rated")

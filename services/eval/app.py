@@ -128,6 +128,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
 
     def _load_embedder(self) -> None:
         self.embedder.load()
+        self.embedder.cosine("warm up the model", "its first pass allocates its working memory")  # before traffic
         EMBEDDER_LOADED.set(1)
 
     async def stop(self) -> None:

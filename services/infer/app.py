@@ -273,8 +273,9 @@ class InferService(KafkaService, infer_pb2_grpc.InferServicer):
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before generation started"
         else:
             try:
-                tokenizer = await self.catalog.get(task.model, task.version)
+                # counted before the first await: a retiring version must not drain and unload meanwhile
                 with self.served.running(loaded):
+                    tokenizer = await self.catalog.get(task.model, task.version)
                     chunks = ChunkStream(
                         reply.send,
                         StreamDecoder(tokenizer.tokenizer, list(task.sampling.stop)),

@@ -477,3 +477,21 @@ def test_the_one_thread_path_answers_as_the_scheduler_does(model_module, make_ho
     assert invalid.sender.responses == [([], "", FINAL, "generation failed: INPUT_IDS is empty")]
     assert host.serving == 0
     assert (host.tally.cancelled, host.tally.generated) == (1, 4 * 10 + 3)
+
+
+def test_requests_held_when_the_model_is_unloaded_get_a_final_error(model_module, make_host):
+    """Triton finalizes the model (an unload) with requests queued or running: each ends at once with
+    an error instead of leaving its client to wait for the deadline."""
+    host = make_host()
+    scheduler = model_module.Scheduler(host, 4, 64)
+    held = [Request(_prompt(800 + i, 5), max_tokens=4) for i in range(3)]
+    for request in held:
+        scheduler.submit(request)  # never started: all still in the inbox
+    scheduler.stopping = True
+    scheduler.start()
+    scheduler.stop()
+
+    for request in held:
+        assert request.sender.final.is_set(), f"no final response for {request.args}"
+        assert "unloaded" in request.sender.responses[-1][3]
+    assert host.foreground.count == 0

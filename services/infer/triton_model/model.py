@@ -435,9 +435,18 @@ class Scheduler(threading.Thread):
         self.inbox.put(request)
 
     def stop(self):
+        """Stop stepping; every request still held gets a final error (the model is being unloaded),
+        so that no client waits for its deadline."""
         self.stopping = True
         self.inbox.put(None)
         self.join(timeout=10)
+        if self.is_alive():
+            return  # still inside a step: its sequences are not ours to touch
+        self._accept(0)
+        unloaded = RuntimeError("the model was unloaded before this request finished; retry")
+        for seq in [*self.waiting, *self.batch.seqs]:
+            self._fail(seq, unloaded)
+        self.waiting, self.batch = [], Batch()
 
     def run(self):
         if self.background:

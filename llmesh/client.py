@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.common import kafka, topics
 from llmesh.common.events import Provenance, ReleaseEvent, ReleaseMode, artifact_digests
+from llmesh.common.prompts import PromptRelease
 from llmesh.common.settings import KafkaSettings
 
 
@@ -62,6 +63,16 @@ def release_for(model: str, version: int, artifacts: Path, **fields: object) -> 
 async def publish_release(kafka_settings: KafkaSettings | str, event: ReleaseEvent) -> None:
     """Publish `event` on the release topic; a bare bootstrap string means a plaintext broker (the
     embedded stack's), KafkaSettings carry TLS and SASL (settings.kafka_from_env reads LLMESH_KAFKA__*)."""
+    await _produce(kafka_settings, topics.RELEASES, *kafka.release_record(event))
+
+
+async def publish_prompt_release(kafka_settings: KafkaSettings | str, event: PromptRelease) -> None:
+    """Publish `event` (a scenario's template version, or a promotion or rollback) on the prompts topic."""
+    headers = {topics.Header.CONTENT_TYPE: topics.CONTENT_TYPE_JSON}
+    await _produce(kafka_settings, topics.PROMPTS, event.model_dump_json().encode(), event.scenario.encode(), headers)
+
+
+async def _produce(kafka_settings: KafkaSettings | str, topic: str, value: bytes, key: bytes, headers: dict[str, str]) -> None:
     if isinstance(kafka_settings, str):
         kafka_settings = KafkaSettings(bootstrap=kafka_settings)
     producer = AIOKafkaProducer(
@@ -69,8 +80,7 @@ async def publish_release(kafka_settings: KafkaSettings | str, event: ReleaseEve
     )
     await producer.start()
     try:
-        value, key, headers = kafka.release_record(event)
-        await producer.send_and_wait(topics.RELEASES, value, key=key, headers=[(k, v.encode()) for k, v in headers.items()])
+        await producer.send_and_wait(topic, value, key=key, headers=[(k, v.encode()) for k, v in headers.items()])
     finally:
         await producer.stop()
 

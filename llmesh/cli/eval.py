@@ -61,6 +61,19 @@ TOKENS_TABLE = (
 USAGE_TABLE = (USAGE_COLUMNS, ("API key", "scenario", "requests", "prompt tokens", "completion tokens"))
 FEEDBACK_COLUMNS = ("model", "version", "scenario", "ratings", "rating_mean", "labels")
 FEEDBACK_TABLE = (FEEDBACK_COLUMNS, ("model", "version", "scenario", "ratings", "mean rating", "labels"))
+SCENARIO_COLUMNS = (
+    "scenario",
+    "template_version",
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms_mean",
+)
+SCENARIO_TABLE = (
+    ("scenario", "template_version", "requests", "prompt_tokens", "completion_tokens"),
+    ("scenario", "template", "requests", "prompt tokens", "completion tokens"),
+)
 BACKTEST_COLUMNS = (
     "version",
     "cases",
@@ -106,11 +119,12 @@ def eval_report(
             console.print(f"[red]{err.code().name}[/]: {err.details()}")
             raise typer.Exit(1) from err
     versions, candidates, usage = _rows(result.versions), _rows(result.candidates), _rows(result.usage)
-    feedback = _rows(result.feedback)
+    feedback, scenarios = _rows(result.feedback), _rows(result.scenarios)
     if json_out:
-        console.print_json(data={"versions": versions, "candidates": candidates, "usage": usage, "feedback": feedback})
+        data = {"versions": versions, "candidates": candidates, "usage": usage, "feedback": feedback, "scenarios": scenarios}
+        console.print_json(data=data)
     else:
-        for part in report_tables(versions, candidates, usage, feedback):
+        for part in report_tables(versions, candidates, usage, feedback, scenarios):
             console.print(part)
     if html_out:
         charts = [
@@ -130,6 +144,7 @@ def eval_report(
             ("Candidates vs primary", candidates, CANDIDATE_COLUMNS),
             ("Token usage", usage, USAGE_COLUMNS),
             ("Feedback", feedback, FEEDBACK_COLUMNS),
+            ("Scenarios by template version", scenarios, SCENARIO_COLUMNS),
         ]
         html_out.write_text(report.html_page("llmesh eval report", sections, charts))
         console.print(f"wrote {html_out}")
@@ -140,6 +155,7 @@ def report_tables(
     candidates: list[dict[str, Any]],
     usage: list[dict[str, Any]],
     feedback: Sequence[dict[str, Any]] = (),
+    scenarios: Sequence[dict[str, Any]] = (),
 ) -> list[Table]:
     """The report for a terminal: one table per concern, each whole in 80 columns."""
     rated = [row | {"labels": ", ".join(f"{k} {v}" for k, v in sorted(row.get("labels", {}).items()))} for row in feedback]
@@ -149,6 +165,7 @@ def report_tables(
         *report.vertical("candidates vs primary", candidates, _candidate, CANDIDATE_COLUMNS[2:]),
         report.table("token usage by key and scenario", usage, *USAGE_TABLE),
         report.table("feedback by version and scenario", rated, *FEEDBACK_TABLE),
+        report.table("released scenarios by template version", list(scenarios), *SCENARIO_TABLE),
     ]
 
 

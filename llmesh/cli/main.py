@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import os
 import re
 import time
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import grpc
 import typer
 import yaml
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -26,8 +24,9 @@ from llmesh.cli import audit as audit_cli
 from llmesh.cli import bench as bench_cli
 from llmesh.cli import eval as eval_cli
 from llmesh.cli import keys as keys_cli
+from llmesh.cli import scenario as scenario_cli
+from llmesh.cli.stackredis import BootstrapOpt, release_target
 from llmesh.common.events import Provenance, ReleaseMode
-from llmesh.common.settings import KafkaSettings, kafka_from_env
 from llmesh.stack import binaries, processes, stack, supervisor
 from llmesh.stack.layout import SERVICES, StackLayout
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -44,6 +43,7 @@ app.add_typer(release_app, name="release")
 app.add_typer(eval_cli.app, name="eval")
 app.add_typer(keys_cli.app, name="keys")
 app.add_typer(audit_cli.app, name="audit")
+app.add_typer(scenario_cli.app, name="scenario")
 app.command("bench")(bench_cli.bench)
 console = Console()
 err_console = Console(stderr=True)
@@ -159,8 +159,13 @@ def _admin(home: Path, gateway: str | None) -> gateway_pb2_grpc.AdminStub:
 
 @app.command()
 def generate(
-    prompt: str,
-    model: str = "chat",
+    prompt: Annotated[str, typer.Argument(help="the prompt (none with --scenario: its template renders it)")] = "",
+    model: Annotated[Optional[str], typer.Option(help="alias or NAME@VERSION (default: chat, or the scenario's)")] = None,  # noqa: UP045
+    scenario: Annotated[str, typer.Option(help="a released scenario (llmesh scenario list)")] = "",
+    var: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="NAME=VALUE for the scenario's template (repeatable; JSON values typed)"),
+    ] = None,
     stream: Annotated[bool, typer.Option("--stream", help="print tokens as they arrive")] = False,
     max_tokens: Optional[int] = None,  # noqa: UP045 - typer needs Optional
     temperature: Optional[float] = None,  # noqa: UP045
@@ -175,7 +180,10 @@ def generate(
     for field, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed)):
         if value is not None:
             setattr(sampling, field, value)
-    request = gateway_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling)
+    request = gateway_pb2.GenerateRequest(
+        model=model if model is not None else ("" if scenario else "chat"), prompt=prompt, sampling=sampling, scenario=scenario
+    )
+    request.variables.update(_variables(var or []))
     stub = _gateway(home, gateway)
     try:
         if stream:
@@ -197,6 +205,20 @@ def generate(
     except grpc.RpcError as err:
         err_console.print(f"[red]{err.code().name}[/]: {err.details()}")
         raise typer.Exit(1) from err
+
+
+def _variables(pairs: list[str]) -> dict[str, Any]:
+    """NAME=VALUE pairs; a value that reads as JSON (3, 0.5, true) keeps its type, others are text."""
+    variables: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--var {pair!r}: expected NAME=VALUE")
+        try:
+            variables[name] = json.loads(value)
+        except ValueError:
+            variables[name] = value
+    return variables
 
 
 @app.command()
@@ -300,24 +322,12 @@ def release_publish(
             "training_code_commit, training_run_id, evaluation, tags); default: what `llmesh model build` recorded"
         ),
     ] = None,
-    bootstrap: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(help="Kafka bootstrap (default: the local stack); TLS and SASL from LLMESH_KAFKA__*"),
-    ] = None,
+    bootstrap: BootstrapOpt = None,
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
     """Publish a release event (sha256 of every artifact file computed here), signed with
     LLMESH_RELEASE_HMAC_KEY or, for the local stack, with the key it made."""
-    if bootstrap is None:
-        layout = _layout(home)
-        kafka_settings = KafkaSettings(bootstrap=layout.address("broker"))  # the embedded broker: plaintext
-        os.environ.setdefault("LLMESH_RELEASE_HMAC_KEY", layout.release_key())
-    else:
-        try:
-            kafka_settings = kafka_from_env(bootstrap)
-        except ValidationError as err:
-            err_console.print(f"LLMESH_KAFKA__* settings are not valid: {err}", markup=False)
-            raise typer.Exit(2) from err
+    kafka_settings = release_target(bootstrap, home)
     try:
         lineage = Provenance.model_validate(yaml.safe_load(provenance.read_text())) if provenance else None
     except (OSError, ValueError, yaml.YAMLError) as err:

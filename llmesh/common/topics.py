@@ -15,6 +15,7 @@ SHADOW_RESULTS = "llmesh.shadow.results"  # infer -> eval (TextChunk of a shadow
 EVAL_DECISIONS = "llmesh.eval.decisions"  # eval -> anyone (PolicyDecision)
 INFER_CANCELS = "llmesh.infer.cancels"  # gateway -> every infer replica (CancelTask)
 FEEDBACK = "llmesh.feedback"  # gateway -> eval (FeedbackEvent)
+PROMPTS = "llmesh.prompts"  # operators -> gateways (PromptRelease JSON: templates per scenario); never compacted
 AUDIT = "llmesh.audit"  # eval -> anyone (AuditRecord, the audit trail in chain order); never compacted
 SHADOW_SUFFIX = ".shadow"  # a mirrored request's id is the primary's id plus this
 
@@ -40,6 +41,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(INFER_CANCELS, 1),
     TopicSpec(AUDIT, 1, retention_ms=-1),
     TopicSpec(FEEDBACK, 1),
+    TopicSpec(PROMPTS, 1, retention_ms=-1),  # one partition: every gateway folds the events in one order
 )
 REPLY_PARTITIONS = 1
 

@@ -25,7 +25,7 @@ import random
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -243,6 +243,10 @@ class SamplingValues:
             seed=params.seed if params.HasField("seed") else None,
             stop=list(params.stop),
         )
+
+    def with_defaults(self, **defaults: object) -> SamplingValues:
+        """These values, with `defaults` where unset (None defaults change nothing)."""
+        return replace(self, **{name: value for name, value in defaults.items() if getattr(self, name) is None})
 
     def resolve(self, limits: RequestLimits) -> events_pb2.ResolvedSampling:
         """Checked and normalised; unset fields take the defaults of `limits`."""

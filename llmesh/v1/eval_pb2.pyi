@@ -319,6 +319,7 @@ class EvalReport(_message.Message):
     CANDIDATES_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
+    SCENARIOS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStats]: ...
     @_builtins.property
@@ -327,6 +328,8 @@ class EvalReport(_message.Message):
     def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]: ...
     @_builtins.property
     def feedback(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedbackRow]: ...
+    @_builtins.property
+    def scenarios(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScenarioRow]: ...
     def __init__(
         self,
         *,
@@ -334,11 +337,51 @@ class EvalReport(_message.Message):
         candidates: _abc.Iterable[Global___CandidateStats] | None = ...,
         usage: _abc.Iterable[Global___UsageRow] | None = ...,
         feedback: _abc.Iterable[Global___FeedbackRow] | None = ...,
+        scenarios: _abc.Iterable[Global___ScenarioRow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "feedback", b"feedback", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "feedback", b"feedback", "scenarios", b"scenarios", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvalReport: _TypeAlias = EvalReport  # noqa: Y015
+
+@_typing.final
+class ScenarioRow(_message.Message):
+    """Usage of a released scenario, per template version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCENARIO_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_MEAN_FIELD_NUMBER: _builtins.int
+    scenario: _builtins.str
+    template_version: _builtins.int
+    requests: _builtins.int
+    errors: _builtins.int
+    prompt_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    latency_ms_mean: _builtins.float
+    def __init__(
+        self,
+        *,
+        scenario: _builtins.str = ...,
+        template_version: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        latency_ms_mean: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "errors", b"errors", "latency_ms_mean", b"latency_ms_mean", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "scenario", b"scenario", "template_version", b"template_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScenarioRow: _TypeAlias = ScenarioRow  # noqa: Y015

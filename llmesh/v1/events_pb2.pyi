@@ -273,6 +273,7 @@ class GenerationRecord(_message.Message):
     GENERATION_MS_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -294,6 +295,8 @@ class GenerationRecord(_message.Message):
     """only with LLMESH_RECORD_TEXTS on the gateway: the prompt as the model saw it ..."""
     answer: _builtins.str
     """... and the answer as the client got it (content lists applied)"""
+    template_version: _builtins.int
+    """the scenario's template version (0: the client sent the prompt)"""
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -315,10 +318,11 @@ class GenerationRecord(_message.Message):
         generation_ms: _builtins.float = ...,
         prompt: _builtins.str = ...,
         answer: _builtins.str = ...,
+        template_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "finished_at", b"finished_at", "first_token_ms", b"first_token_ms", "generation_ms", b"generation_ms", "latency_ms", b"latency_ms", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "scenario", b"scenario", "shadowed", b"shadowed", "status_code", b"status_code", "stream", b"stream", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "finished_at", b"finished_at", "first_token_ms", b"first_token_ms", "generation_ms", b"generation_ms", "latency_ms", b"latency_ms", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "scenario", b"scenario", "shadowed", b"shadowed", "status_code", b"status_code", "stream", b"stream", "template_version", b"template_version", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

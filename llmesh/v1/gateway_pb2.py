@@ -24,51 +24,66 @@ _sym_db = _symbol_database.Default()
 
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 from llmesh.v1 import events_pb2 as llmesh_dot_v1_dot_events__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmesh/v1/gateway.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\x1a\x16llmesh/v1/events.proto\"U\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06rating\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\"F\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"Q\n\x0f\x41pprovalRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\"Q\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"J\n\x16PublishReleaseResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"]\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\"\xa5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\"\xa2\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xcf\x01\n\x10ModelVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\r\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.llmesh.v1.VersionState\x12\r\n\x05label\x18\x03 \x01(\t\x12\x14\n\x0c\x61rtifact_uri\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nupdated_at\x18\x06 \x01(\x01\x12\x0e\n\x06\x61uthor\x18\x07 \x01(\t\x12)\n\nprovenance\x18\x08 \x01(\x0b\x32\x15.llmesh.v1.Provenance\"c\n\x0cHistoryEntry\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.llmesh.v1.VersionState\x12\x0e\n\x06reason\x18\x04 \x01(\t\"/\n\x0fGetAuditRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\x01\"M\n\x10GetAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.llmesh.v1.AuditRecord\x12\x10\n\x08problems\x18\x02 \x03(\t\"\xd2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fprimary_version\x18\x02 \x01(\r\x12-\n\x08versions\x18\x03 \x03(\x0b\x32\x1b.llmesh.v1.ModelVersionInfo\x12\x18\n\x10previous_version\x18\x04 \x01(\r\x12(\n\x07history\x18\x05 \x03(\x0b\x32\x17.llmesh.v1.HistoryEntry\x12+\n\x07pending\x18\x06 \x01(\x0b\x32\x1a.llmesh.v1.PendingApproval\"\xc6\x01\n\x0fPendingApproval\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x15\n\rshare_percent\x18\x03 \x01(\r\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x11\n\tapprovals\x18\x05 \x03(\t\x12\x0e\n\x06needed\x18\x06 \x01(\r\x12\x14\n\x0crequested_at\x18\x07 \x01(\x01\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x10\n\x08\x65vent_id\x18\n \x01(\t2\xec\x02\n\x07Gateway\x12\x43\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.llmesh.v1.GenerateRequest\x1a\x18.llmesh.v1.GenerateChunk0\x01\x12I\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x1d.llmesh.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1a.llmesh.v1.GetModelRequest\x1a\x14.llmesh.v1.ModelInfo\x12I\n\x0eSubmitFeedback\x12\x1a.llmesh.v1.FeedbackRequest\x1a\x1b.llmesh.v1.FeedbackResponse2\xf8\x02\n\x05\x41\x64min\x12L\n\x0ePublishRelease\x12\x17.llmesh.v1.ReleaseEvent\x1a!.llmesh.v1.PublishReleaseResponse\x12I\n\x08Rollback\x12\x1a.llmesh.v1.RollbackRequest\x1a!.llmesh.v1.PublishReleaseResponse\x12\x43\n\x08GetAudit\x12\x1a.llmesh.v1.GetAuditRequest\x1a\x1b.llmesh.v1.GetAuditResponse\x12H\n\x07\x41pprove\x12\x1a.llmesh.v1.ApprovalRequest\x1a!.llmesh.v1.PublishReleaseResponse\x12G\n\x06Reject\x12\x1a.llmesh.v1.ApprovalRequest\x1a!.llmesh.v1.PublishReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmesh/v1/gateway.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\x1a\x16llmesh/v1/events.proto\x1a\x1cgoogle/protobuf/struct.proto\"U\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06rating\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\"F\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"Q\n\x0f\x41pprovalRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\"Q\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"J\n\x16PublishReleaseResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"\x9b\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12\x10\n\x08scenario\x18\x04 \x01(\t\x12*\n\tvariables\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xbf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x18\n\x10template_version\x18\x07 \x01(\r\"\xbc\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x18\n\x10template_version\x18\x07 \x01(\r\"\x16\n\x14ListScenariosRequest\"C\n\x15ListScenariosResponse\x12*\n\tscenarios\x18\x01 \x03(\x0b\x32\x17.llmesh.v1.ScenarioInfo\"\xc4\x01\n\x0cScenarioInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fprimary_version\x18\x02 \x01(\r\x12\x19\n\x11\x63\x61ndidate_version\x18\x03 \x01(\r\x12\x15\n\rshare_percent\x18\x04 \x01(\r\x12)\n\x08versions\x18\x05 \x03(\x0b\x32\x17.llmesh.v1.TemplateInfo\x12\x30\n\x07history\x18\x06 \x03(\x0b\x32\x1f.llmesh.v1.ScenarioHistoryEntry\"\xf7\x01\n\x0cTemplateInfo\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x33\n\x06params\x18\x04 \x03(\x0b\x32#.llmesh.v1.TemplateInfo.ParamsEntry\x12\x11\n\ttuned_for\x18\x05 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x06 \x01(\t\x12\x13\n\x0breleased_at\x18\x07 \x01(\x01\x12\x1d\n\x15token_budget_per_hour\x18\x08 \x01(\x04\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x14ScenarioHistoryEntry\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xcf\x01\n\x10ModelVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\r\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.llmesh.v1.VersionState\x12\r\n\x05label\x18\x03 \x01(\t\x12\x14\n\x0c\x61rtifact_uri\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nupdated_at\x18\x06 \x01(\x01\x12\x0e\n\x06\x61uthor\x18\x07 \x01(\t\x12)\n\nprovenance\x18\x08 \x01(\x0b\x32\x15.llmesh.v1.Provenance\"c\n\x0cHistoryEntry\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.llmesh.v1.VersionState\x12\x0e\n\x06reason\x18\x04 \x01(\t\"/\n\x0fGetAuditRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\x01\"M\n\x10GetAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.llmesh.v1.AuditRecord\x12\x10\n\x08problems\x18\x02 \x03(\t\"\xd2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fprimary_version\x18\x02 \x01(\r\x12-\n\x08versions\x18\x03 \x03(\x0b\x32\x1b.llmesh.v1.ModelVersionInfo\x12\x18\n\x10previous_version\x18\x04 \x01(\r\x12(\n\x07history\x18\x05 \x03(\x0b\x32\x17.llmesh.v1.HistoryEntry\x12+\n\x07pending\x18\x06 \x01(\x0b\x32\x1a.llmesh.v1.PendingApproval\"\xc6\x01\n\x0fPendingApproval\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x15\n\rshare_percent\x18\x03 \x01(\r\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x11\n\tapprovals\x18\x05 \x03(\t\x12\x0e\n\x06needed\x18\x06 \x01(\r\x12\x14\n\x0crequested_at\x18\x07 \x01(\x01\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x10\n\x08\x65vent_id\x18\n \x01(\t2\xc0\x03\n\x07Gateway\x12\x43\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.llmesh.v1.GenerateRequest\x1a\x18.llmesh.v1.GenerateChunk0\x01\x12I\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x1d.llmesh.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1a.llmesh.v1.GetModelRequest\x1a\x14.llmesh.v1.ModelInfo\x12R\n\rListScenarios\x12\x1f.llmesh.v1.ListScenariosRequest\x1a .llmesh.v1.ListScenariosResponse\x12I\n\x0eSubmitFeedback\x12\x1a.llmesh.v1.FeedbackRequest\x1a\x1b.llmesh.v1.FeedbackResponse2\xf8\x02\n\x05\x41\x64min\x12L\n\x0ePublishRelease\x12\x17.llmesh.v1.ReleaseEvent\x1a!.llmesh.v1.PublishReleaseResponse\x12I\n\x08Rollback\x12\x1a.llmesh.v1.RollbackRequest\x1a!.llmesh.v1.PublishReleaseResponse\x12\x43\n\x08GetAudit\x12\x1a.llmesh.v1.GetAuditRequest\x1a\x1b.llmesh.v1.GetAuditResponse\x12H\n\x07\x41pprove\x12\x1a.llmesh.v1.ApprovalRequest\x1a!.llmesh.v1.PublishReleaseResponse\x12G\n\x06Reject\x12\x1a.llmesh.v1.ApprovalRequest\x1a!.llmesh.v1.PublishReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEEDBACKREQUEST']._serialized_start=86
-  _globals['_FEEDBACKREQUEST']._serialized_end=171
-  _globals['_FEEDBACKRESPONSE']._serialized_start=173
-  _globals['_FEEDBACKRESPONSE']._serialized_end=243
-  _globals['_APPROVALREQUEST']._serialized_start=245
-  _globals['_APPROVALREQUEST']._serialized_end=326
-  _globals['_ROLLBACKREQUEST']._serialized_start=328
-  _globals['_ROLLBACKREQUEST']._serialized_end=409
-  _globals['_PUBLISHRELEASERESPONSE']._serialized_start=411
-  _globals['_PUBLISHRELEASERESPONSE']._serialized_end=485
-  _globals['_GENERATEREQUEST']._serialized_start=487
-  _globals['_GENERATEREQUEST']._serialized_end=580
-  _globals['_GENERATERESPONSE']._serialized_start=583
-  _globals['_GENERATERESPONSE']._serialized_end=748
-  _globals['_GENERATECHUNK']._serialized_start=751
-  _globals['_GENERATECHUNK']._serialized_end=913
-  _globals['_LISTMODELSREQUEST']._serialized_start=915
-  _globals['_LISTMODELSREQUEST']._serialized_end=934
-  _globals['_LISTMODELSRESPONSE']._serialized_start=936
-  _globals['_LISTMODELSRESPONSE']._serialized_end=994
-  _globals['_GETMODELREQUEST']._serialized_start=996
-  _globals['_GETMODELREQUEST']._serialized_end=1027
-  _globals['_MODELVERSIONINFO']._serialized_start=1030
-  _globals['_MODELVERSIONINFO']._serialized_end=1237
-  _globals['_HISTORYENTRY']._serialized_start=1239
-  _globals['_HISTORYENTRY']._serialized_end=1338
-  _globals['_GETAUDITREQUEST']._serialized_start=1340
-  _globals['_GETAUDITREQUEST']._serialized_end=1387
-  _globals['_GETAUDITRESPONSE']._serialized_start=1389
-  _globals['_GETAUDITRESPONSE']._serialized_end=1466
-  _globals['_MODELINFO']._serialized_start=1469
-  _globals['_MODELINFO']._serialized_end=1679
-  _globals['_PENDINGAPPROVAL']._serialized_start=1682
-  _globals['_PENDINGAPPROVAL']._serialized_end=1880
-  _globals['_GATEWAY']._serialized_start=1883
-  _globals['_GATEWAY']._serialized_end=2247
-  _globals['_ADMIN']._serialized_start=2250
-  _globals['_ADMIN']._serialized_end=2626
+  _globals['_TEMPLATEINFO_PARAMSENTRY']._loaded_options = None
+  _globals['_TEMPLATEINFO_PARAMSENTRY']._serialized_options = b'8\001'
+  _globals['_FEEDBACKREQUEST']._serialized_start=116
+  _globals['_FEEDBACKREQUEST']._serialized_end=201
+  _globals['_FEEDBACKRESPONSE']._serialized_start=203
+  _globals['_FEEDBACKRESPONSE']._serialized_end=273
+  _globals['_APPROVALREQUEST']._serialized_start=275
+  _globals['_APPROVALREQUEST']._serialized_end=356
+  _globals['_ROLLBACKREQUEST']._serialized_start=358
+  _globals['_ROLLBACKREQUEST']._serialized_end=439
+  _globals['_PUBLISHRELEASERESPONSE']._serialized_start=441
+  _globals['_PUBLISHRELEASERESPONSE']._serialized_end=515
+  _globals['_GENERATEREQUEST']._serialized_start=518
+  _globals['_GENERATEREQUEST']._serialized_end=673
+  _globals['_GENERATERESPONSE']._serialized_start=676
+  _globals['_GENERATERESPONSE']._serialized_end=867
+  _globals['_GENERATECHUNK']._serialized_start=870
+  _globals['_GENERATECHUNK']._serialized_end=1058
+  _globals['_LISTSCENARIOSREQUEST']._serialized_start=1060
+  _globals['_LISTSCENARIOSREQUEST']._serialized_end=1082
+  _globals['_LISTSCENARIOSRESPONSE']._serialized_start=1084
+  _globals['_LISTSCENARIOSRESPONSE']._serialized_end=1151
+  _globals['_SCENARIOINFO']._serialized_start=1154
+  _globals['_SCENARIOINFO']._serialized_end=1350
+  _globals['_TEMPLATEINFO']._serialized_start=1353
+  _globals['_TEMPLATEINFO']._serialized_end=1600
+  _globals['_TEMPLATEINFO_PARAMSENTRY']._serialized_start=1555
+  _globals['_TEMPLATEINFO_PARAMSENTRY']._serialized_end=1600
+  _globals['_SCENARIOHISTORYENTRY']._serialized_start=1602
+  _globals['_SCENARIOHISTORYENTRY']._serialized_end=1699
+  _globals['_LISTMODELSREQUEST']._serialized_start=1701
+  _globals['_LISTMODELSREQUEST']._serialized_end=1720
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1722
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1780
+  _globals['_GETMODELREQUEST']._serialized_start=1782
+  _globals['_GETMODELREQUEST']._serialized_end=1813
+  _globals['_MODELVERSIONINFO']._serialized_start=1816
+  _globals['_MODELVERSIONINFO']._serialized_end=2023
+  _globals['_HISTORYENTRY']._serialized_start=2025
+  _globals['_HISTORYENTRY']._serialized_end=2124
+  _globals['_GETAUDITREQUEST']._serialized_start=2126
+  _globals['_GETAUDITREQUEST']._serialized_end=2173
+  _globals['_GETAUDITRESPONSE']._serialized_start=2175
+  _globals['_GETAUDITRESPONSE']._serialized_end=2252
+  _globals['_MODELINFO']._serialized_start=2255
+  _globals['_MODELINFO']._serialized_end=2465
+  _globals['_PENDINGAPPROVAL']._serialized_start=2468
+  _globals['_PENDINGAPPROVAL']._serialized_end=2666
+  _globals['_GATEWAY']._serialized_start=2669
+  _globals['_GATEWAY']._serialized_end=3117
+  _globals['_ADMIN']._serialized_start=3120
+  _globals['_ADMIN']._serialized_end=3496
 # @@protoc_insertion_point(module_scope)

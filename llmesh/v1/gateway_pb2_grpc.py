@@ -56,6 +56,11 @@ class GatewayStub:
                 request_serializer=llmesh_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListScenarios = channel.unary_unary(
+                '/llmesh.v1.Gateway/ListScenarios',
+                request_serializer=llmesh_dot_v1_dot_gateway__pb2.ListScenariosRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_gateway__pb2.ListScenariosResponse.FromString,
+                _registered_method=True)
         self.SubmitFeedback = channel.unary_unary(
                 '/llmesh.v1.Gateway/SubmitFeedback',
                 request_serializer=llmesh_dot_v1_dot_gateway__pb2.FeedbackRequest.SerializeToString,
@@ -93,6 +98,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListScenarios(self, request, context):
+        """The scenarios released on llmesh.prompts: their template versions, canary and history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitFeedback(self, request, context):
         """A rating of an answer, by the key that asked for it (within LLMESH_FEEDBACK_WINDOW_S).
         """
@@ -122,6 +134,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=llmesh_dot_v1_dot_gateway__pb2.GetModelRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_gateway__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListScenarios': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListScenarios,
+                    request_deserializer=llmesh_dot_v1_dot_gateway__pb2.ListScenariosRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_gateway__pb2.ListScenariosResponse.SerializeToString,
             ),
             'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitFeedback,
@@ -238,6 +255,33 @@ class Gateway:
             '/llmesh.v1.Gateway/GetModel',
             llmesh_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
             llmesh_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListScenarios(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Gateway/ListScenarios',
+            llmesh_dot_v1_dot_gateway__pb2.ListScenariosRequest.SerializeToString,
+            llmesh_dot_v1_dot_gateway__pb2.ListScenariosResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ class GatewayStub:
     """Streams the answer as it is generated; the last chunk carries finish_reason and usage."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListModelsRequest, _gateway_pb2.ListModelsResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetModelRequest, _gateway_pb2.ModelInfo]
+    ListScenarios: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListScenariosRequest, _gateway_pb2.ListScenariosResponse]
+    """The scenarios released on llmesh.prompts: their template versions, canary and history."""
     SubmitFeedback: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.FeedbackRequest, _gateway_pb2.FeedbackResponse]
     """A rating of an answer, by the key that asked for it (within LLMESH_FEEDBACK_WINDOW_S)."""
 
@@ -54,6 +56,8 @@ class GatewayAsyncStub(GatewayStub):
     """Streams the answer as it is generated; the last chunk carries finish_reason and usage."""
     ListModels: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListModelsRequest, _gateway_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetModelRequest, _gateway_pb2.ModelInfo]  # type: ignore[assignment]
+    ListScenarios: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListScenariosRequest, _gateway_pb2.ListScenariosResponse]  # type: ignore[assignment]
+    """The scenarios released on llmesh.prompts: their template versions, canary and history."""
     SubmitFeedback: _aio.UnaryUnaryMultiCallable[_gateway_pb2.FeedbackRequest, _gateway_pb2.FeedbackResponse]  # type: ignore[assignment]
     """A rating of an answer, by the key that asked for it (within LLMESH_FEEDBACK_WINDOW_S)."""
 
@@ -89,6 +93,14 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.ModelInfo, _abc.Awaitable[_gateway_pb2.ModelInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ListScenarios(
+        self,
+        request: _gateway_pb2.ListScenariosRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListScenariosResponse, _abc.Awaitable[_gateway_pb2.ListScenariosResponse]]:
+        """The scenarios released on llmesh.prompts: their template versions, canary and history."""
 
     @_abc_1.abstractmethod
     def SubmitFeedback(

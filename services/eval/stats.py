@@ -40,11 +40,12 @@ class FeedbackAggregate:
 
 
 class GenerationStats:
-    """Per model version, and token usage per API key and scenario."""
+    """Per model version, token usage per API key and scenario, and per released scenario's template version."""
 
     def __init__(self, remember: int = 100_000) -> None:
         self._by_version: dict[tuple[str, int], VersionAggregate] = {}
         self._usage: dict[tuple[str, str], VersionAggregate] = {}
+        self._scenarios: dict[tuple[str, int], VersionAggregate] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()  # the latest request ids: a replayed record counts once
         self._remember = remember
         self._feedback: dict[tuple[str, int, str], FeedbackAggregate] = {}
@@ -70,6 +71,8 @@ class GenerationStats:
             self._seen.popitem(last=False)
         self._by_version.setdefault((record.model, record.version), VersionAggregate()).add(record)
         self._usage.setdefault((record.api_key_id, record.scenario), VersionAggregate()).add(record)
+        if record.template_version:
+            self._scenarios.setdefault((record.scenario, record.template_version), VersionAggregate()).add(record)
         return True
 
     def report(self, model: str = "", usage_of: str | None = None) -> eval_pb2.EvalReport:
@@ -113,4 +116,16 @@ class GenerationStats:
             for (name, version, scenario), agg in sorted(self._feedback.items())
             if agg.ratings and (not model or name == model)
         ]
-        return eval_pb2.EvalReport(versions=rows, usage=usage, feedback=feedback)
+        scenarios = [
+            eval_pb2.ScenarioRow(
+                scenario=scenario,
+                template_version=version,
+                requests=agg.requests,
+                errors=agg.errors,
+                prompt_tokens=agg.prompt_tokens,
+                completion_tokens=agg.completion_tokens,
+                latency_ms_mean=agg.latency_ms_sum / agg.requests,
+            )
+            for (scenario, version), agg in sorted(self._scenarios.items())
+        ]
+        return eval_pb2.EvalReport(versions=rows, usage=usage, feedback=feedback, scenarios=scenarios)

@@ -6,17 +6,21 @@ addressed to this gateway; the gRPC servicer here and the OpenAI-compatible HTTP
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from faststream.kafka import KafkaMessage
+from google.protobuf import json_format
 from pydantic import ValidationError
 
 from llmesh.common import kafka, topics
 from llmesh.common.apikeys import ApiKeyStore
+from llmesh.common.events import InvalidEvent
 from llmesh.common.feedback import FeedbackInput
 from llmesh.common.keycheck import CALLER, KeyRing, secret_of
+from llmesh.common.prompts import PromptRelease, ScenarioState
 from llmesh.common.registry import Registry
 from llmesh.common.serving import KafkaService, run_service
 from llmesh.common.settings import load_settings
@@ -27,6 +31,8 @@ from services.gateway.auth import Quotas
 from services.gateway.dataplane import DataPlane, GenerationError, GenerationRequest, Outcome
 from services.gateway.http_api import HttpApi
 from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger("llmesh.gateway")
 
 
 class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
@@ -45,6 +51,9 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         # Every gateway sees every status (no group) so that it loads a new version's tokenizer before the swap.
         status_options = kafka.consumer_options(settings.kafka, None, control=True)
         kafka.subscribe(self.broker, topics.MODEL_STATUS, status_options, self.on_status)
+        # Every gateway folds every prompt release into the scenarios' state (written once, by offset).
+        prompt_options = kafka.consumer_options(settings.kafka, None, from_start=True, control=True)
+        kafka.subscribe(self.broker, topics.PROMPTS, prompt_options, self.on_prompt_release)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -83,7 +92,31 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         if (event := await self.dead_letters.decode(msg, events_pb2.ModelStatusEvent, self.seal)) is not None:
             await self.plane.catalog.follow(event, f"gateway-{self.settings.gateway_id}")
 
+    async def on_prompt_release(self, msg: KafkaMessage) -> None:
+        offset = msg.raw_message.offset  # type: ignore[union-attr]
+        scenarios = self.plane.scenarios
+        event: PromptRelease | None = None
+        try:
+            event = PromptRelease.parse(msg.body)
+            event.check_signature(self.settings.release_key())
+            state = await scenarios.apply(event, offset)
+        except InvalidEvent as err:
+            if event is not None:
+                await scenarios.skip(event.scenario, offset)
+            if await scenarios.mark_refused(offset):
+                await self.dead_letters.send(msg, str(err))
+            return
+        if state is not None:
+            serving = f"v{state.primary}" + (f", canary v{state.candidate} at {state.share_percent}%" if state.candidate else "")
+            log.info("prompt release applied", extra={"scenario": state.name, "mode": event.mode.value, "serving": serving})
+
     # ---- gRPC: catalogue -------------------------------------------------------------------
+
+    async def ListScenarios(
+        self, request: gateway_pb2.ListScenariosRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListScenariosResponse:
+        states = [await self.plane.scenarios.get(name) for name in await self.plane.scenarios.names()]
+        return gateway_pb2.ListScenariosResponse(scenarios=[_scenario_info(s) for s in states if s is not None])
 
     async def ListModels(
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -122,6 +155,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
         async for outcome, chunk in self._generate(request, context, stream=False):
             parts.append(chunk.text)
             reply.request_id, reply.model, reply.version = outcome.request_id, outcome.route.model, outcome.route.version
+            reply.template_version = outcome.template_version
             if chunk.final:
                 reply.finish_reason = chunk.finish_reason
                 reply.usage.CopyFrom(chunk.usage)
@@ -139,6 +173,7 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
                 text=chunk.text,
                 finish_reason=chunk.finish_reason,
                 usage=chunk.usage if chunk.final else None,
+                template_version=outcome.template_version,
             )
 
     async def _generate(
@@ -153,7 +188,8 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
             caller=CALLER.get(),
             client_key=secret_of(metadata),
             traceparent=metadata.get("traceparent"),
-            scenario=metadata.get("x-scenario", ""),
+            scenario=request.scenario or metadata.get("x-scenario", ""),
+            variables=json_format.MessageToDict(request.variables),
             timeout_s=context.time_remaining(),
         )
         try:
@@ -161,6 +197,26 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
                 yield item
         except GenerationError as err:
             await context.abort(err.code, err.message, trailing_metadata=err.trailers())
+
+
+def _scenario_info(state: ScenarioState) -> gateway_pb2.ScenarioInfo:
+    info = gateway_pb2.ScenarioInfo(
+        name=state.name, primary_version=state.primary, candidate_version=state.candidate, share_percent=state.share_percent
+    )
+    for v in state.versions.values():
+        info.versions.add(
+            version=v.version,
+            model=v.model,
+            text=v.template.text,
+            params={name: p.type.value for name, p in v.template.params.items()},
+            tuned_for=v.template.tuned_for,
+            author=v.author,
+            released_at=v.released_at,
+            token_budget_per_hour=v.token_budget_per_hour,
+        )
+    for h in state.history:
+        info.history.add(at=h.at, mode=h.mode.value, version=h.version, author=h.author, reason=h.reason)
+    return info
 
 
 def main(argv: Sequence[str] | None = None) -> int:

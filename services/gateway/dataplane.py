@@ -15,8 +15,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
 import grpc
@@ -30,6 +30,7 @@ from llmesh.common.chat import ChatMessage
 from llmesh.common.content import AnswerFilter, ContentWatch, Hit, Scanner
 from llmesh.common.feedback import FeedbackInput, RequestOwner, request_key
 from llmesh.common.polling import AdaptivePolling
+from llmesh.common.prompts import ScenarioStore
 from llmesh.common.registry import Registry, Route
 from llmesh.common.serving import InFlight
 from llmesh.common.tokenizers import InvalidPrompt, TokenizerCatalog, UnknownVersion, VersionTokenizer
@@ -47,7 +48,7 @@ from services.gateway.auth import QuotaExceeded, Quotas
 from services.gateway.fleetgate import FleetGate
 from services.gateway.replies import PendingReplies, ReplyTimeout
 from services.gateway.settings import GatewaySettings
-from services.gateway.traffic import TrafficPlan, plan
+from services.gateway.traffic import TrafficPlan, choose_template, plan
 
 REQUESTS = Counter("llmesh_gateway_requests_total", "Generate requests by outcome", ["model", "version", "code", "stream"])
 LATENCY = Histogram(
@@ -60,6 +61,14 @@ FIRST_CHUNK = Histogram(
     "llmesh_gateway_first_chunk_seconds", "Time to the first text chunk", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 )
 WAITING = Gauge("llmesh_gateway_waiting_requests", "Requests waiting for replies")
+SCENARIO_TOKENS = Counter(
+    "llmesh_gateway_scenario_tokens_total",
+    "Tokens spent on released scenarios (prompt and completion), per template version",
+    ["scenario", "template_version", "kind"],
+)
+SCENARIO_BUDGET = Gauge(
+    "llmesh_scenario_token_budget_per_hour", "The serving template version's token budget per hour (0: none)", ["scenario"]
+)
 SENSITIVE = Counter(
     "llmesh_gateway_sensitive_hits_total",
     "Content-list hits in prompts and answers (LLMESH_CONTENT_RULES_FILE); divide by requests for a rate",
@@ -97,7 +106,8 @@ class GenerationRequest:
     caller: ApiKey | None = None  # the checked key, when keys are required
     client_key: str = ""  # the key the client presented (canary stickiness), checked or not
     traceparent: str | None = None
-    scenario: str = ""
+    scenario: str = ""  # a released scenario (its template renders the prompt), or a label only
+    variables: Mapping[str, object] = field(default_factory=dict)  # the scenario template's
     timeout_s: float | None = None  # what is left of the client's deadline
 
 
@@ -118,6 +128,7 @@ class Outcome:
     held_tokens: int = 0  # of the key's token budget, until the answer is in
     prompt_tokens: int = 0
     scenario: str = ""
+    template_version: int = 0  # the scenario's template version that rendered the prompt
     stopped: bool = False  # the gateway stopped the answer before its end (infer must stop too)
     recorded_prompt: str = ""  # with record_texts: the prompt as the model saw it ...
     recorded_answer: list[str] = field(default_factory=list)  # ... and the answer as the client got it
@@ -140,6 +151,7 @@ class DataPlane:
         self.polling = polling
         self.reply_topic = reply_topic
         self.catalog = TokenizerCatalog(registry)
+        self.scenarios = ScenarioStore(registry.redis)
         self.pending = PendingReplies()
         self.fleet = FleetGate(registry.redis, self.pending)
         self.records = InFlight(RECORDS_IN_FLIGHT)  # published after the answer left, off the client's path
@@ -187,11 +199,13 @@ class DataPlane:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[tuple[Outcome, events_pb2.TextChunk], None]:
         """The request's reply chunks, the last one final; GenerationError when refused or failed.
         A cancelled consumer (client gone) cancels the generation in infer."""
+        request, template_version = await self._from_scenario(request)
         sampling = self._validate(request)
         request_id = uuid.uuid4().hex
         traffic = await self._plan(request, request_id)
         route = traffic.answer
         outcome = Outcome(route, request_id, request.stream, shadowed=traffic.shadow is not None, scenario=request.scenario)
+        outcome.template_version = template_version
         scanner = self.content.scanner(route.model, request.scenario)
         prompt = self._screen_prompt(scanner, request.prompt, outcome) if scanner else request.prompt
         if self.settings.record_texts:
@@ -248,6 +262,38 @@ class DataPlane:
                 self.pending.close(outcome.request_id)
                 WAITING.dec()
                 await self.records.spawn(self._record(outcome, time.perf_counter() - outcome.started))
+
+    async def _from_scenario(self, request: GenerationRequest) -> tuple[GenerationRequest, int]:
+        """A released scenario's request as the model gets it: the prompt its template version renders
+        (the canary's for a share of clients), its model, its sampling defaults; and that version."""
+        if not request.scenario:
+            if request.variables:
+                raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, "variables need a scenario (whose template uses them)")
+            return request, 0
+        try:
+            state = await self.scenarios.get(request.scenario)
+        except InvalidRequest as err:
+            raise GenerationError(grpc.StatusCode.INTERNAL, str(err)) from None
+        if state is None or not state.primary:
+            if request.variables or not request.prompt:
+                raise GenerationError(grpc.StatusCode.NOT_FOUND, f"scenario {shown(request.scenario)} is not released")
+            return request, 0  # a label only: usage, feedback and content lists per scenario
+        if request.prompt:
+            message = f"scenario {state.name} renders its prompt from its template: send variables, not a prompt"
+            raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, message)
+        chosen = choose_template(state, request.client_key or _digest(json.dumps(request.variables, sort_keys=True, default=str)))
+        if request.model and request.model != chosen.model:
+            message = f"scenario {state.name} is bound to model {chosen.model}; leave model empty"
+            raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, message)
+        try:
+            prompt = chosen.template.render(request.variables)
+        except InvalidRequest as err:
+            raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, f"scenario {state.name} v{chosen.version}: {err}") from None
+        SCENARIO_BUDGET.labels(state.name).set(state.budget())
+        defaults = chosen.sampling.model_dump()
+        return replace(
+            request, model=chosen.model, prompt=prompt, sampling=request.sampling.with_defaults(**defaults)
+        ), chosen.version
 
     def _screen_prompt(self, scanner: Scanner, prompt: Prompt, outcome: Outcome) -> Prompt:
         """The prompt with what redact lists found masked; refused when a refuse list found anything."""
@@ -400,6 +446,10 @@ class DataPlane:
                 log.warning("could not settle the key's token budget", exc_info=True)
         route, stream = outcome.route, str(outcome.stream).lower()
         REQUESTS.labels(route.model, str(route.version), outcome.code.name, stream).inc()
+        if outcome.template_version:  # released scenarios only: their names are the operators', not the clients'
+            labels = (outcome.scenario, str(outcome.template_version))
+            SCENARIO_TOKENS.labels(*labels, "prompt").inc(outcome.usage.prompt_tokens)
+            SCENARIO_TOKENS.labels(*labels, "completion").inc(outcome.usage.completion_tokens)
         LATENCY.labels(stream).observe(elapsed)
         record = events_pb2.GenerationRecord(
             request_id=outcome.request_id,
@@ -418,6 +468,7 @@ class DataPlane:
             generation_ms=outcome.generation_ms,
             prompt=outcome.recorded_prompt,
             answer="".join(outcome.recorded_answer),
+            template_version=outcome.template_version,
         )
         try:
             if outcome.code == grpc.StatusCode.OK:  # the answer may be rated, by the key that asked for it

@@ -179,7 +179,8 @@ class HttpApi:
                 caller=caller,
                 client_key=secret_of(dict(request.headers)) or body.user or "",
                 traceparent=request.headers.get("traceparent"),
-                scenario=request.headers.get("x-scenario", ""),
+                scenario=body.scenario or request.headers.get("x-scenario", ""),
+                variables=body.variables or {},
                 timeout_s=_client_timeout(request),
             )
         )
@@ -192,6 +193,8 @@ class HttpApi:
             return Response(status_code=499)
         head = AnswerHead(outcome.request_id, outcome.route.model, outcome.route.version)
         headers = {"x-request-id": outcome.request_id, "llmesh-version": head.fingerprint}
+        if outcome.template_version:
+            headers["llmesh-template-version"] = str(outcome.template_version)
         if body.stream:
             events = _events(api, head, first, chunks, body.include_usage)
             return EventStream(events, chunks, headers=headers | STREAM_HEADERS, media_type="text/event-stream")

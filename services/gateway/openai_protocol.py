@@ -68,6 +68,8 @@ class OpenAIRequest(BaseModel):
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
     logit_bias: dict[str, Number] | None = None
+    scenario: StrictStr | None = None  # llmesh: a released scenario (model may be ""), or a label
+    variables: dict[str, StrictStr | StrictBool | StrictInt | float] | None = None  # llmesh: its template's
 
     def unsupported(self) -> str:
         """Why llmesh cannot answer this request as asked ('' when it can)."""
@@ -89,7 +91,7 @@ class OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = ""  # "": a scenario renders it
     echo: StrictBool | None = None
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None

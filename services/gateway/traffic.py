@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from llmesh.common.prompts import ScenarioState, TemplateVersion
 from llmesh.common.registry import Route, Routing
 
 
@@ -34,3 +35,10 @@ def plan(model: str, routing: Routing, sticky_key: str, request_id: str) -> Traf
     if routing.candidate_mode == "shadow" and bucket(request_id) < routing.candidate_share:
         return TrafficPlan(primary, shadow=candidate)
     return TrafficPlan(primary)
+
+
+def choose_template(state: ScenarioState, sticky_key: str) -> TemplateVersion:
+    """A scenario's canary answers its share of sticky keys (bucketed apart from the model's canary)."""
+    if state.candidate and bucket(f"{state.name}\0{sticky_key}") < state.share_percent:
+        return state.versions[state.candidate]
+    return state.serving()

@@ -34,6 +34,16 @@ USAGE = {
     "completion_tokens": 7654321,
 }
 
+SCENARIO = {
+    "scenario": "support-replies",
+    "template_version": 12,
+    "requests": 1234,
+    "errors": 3,
+    "prompt_tokens": 1234567,
+    "completion_tokens": 7654321,
+    "latency_ms_mean": 123.4,
+}
+
 
 def _render(*tables: object) -> str:
     out = io.StringIO()
@@ -44,10 +54,18 @@ def _render(*tables: object) -> str:
 
 
 def test_the_report_fits_80_columns_with_every_name_whole():
-    text = _render(*report_tables([VERSION, VERSION | {"version": 13}], [CANDIDATE] * 4, [USAGE]))
+    text = _render(*report_tables([VERSION, VERSION | {"version": 13}], [CANDIDATE] * 4, [USAGE], (), [SCENARIO]))
     assert "…" not in text, text
     assert max(len(line) for line in text.splitlines()) <= 80
-    for name in (*CANDIDATE_COLUMNS[2:], "completion tokens", "prompt tokens", "API key", "mean ms", "support-replies"):
+    for name in (
+        *CANDIDATE_COLUMNS[2:],
+        "completion tokens",
+        "prompt tokens",
+        "API key",
+        "mean ms",
+        "support-replies",
+        "template",
+    ):
         assert name in text, name
     assert text.count("summarizer v12") == 4, "four candidates, in tables of three side by side"
     assert "23456789" in text and "98765.432" in text

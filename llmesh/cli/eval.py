@@ -59,8 +59,11 @@ TOKENS_TABLE = (
     ("model", "version", "prompt tokens", "completion tokens"),
 )
 USAGE_TABLE = (USAGE_COLUMNS, ("API key", "scenario", "requests", "prompt tokens", "completion tokens"))
-FEEDBACK_COLUMNS = ("model", "version", "scenario", "ratings", "rating_mean", "labels")
-FEEDBACK_TABLE = (FEEDBACK_COLUMNS, ("model", "version", "scenario", "ratings", "mean rating", "labels"))
+FEEDBACK_COLUMNS = ("model", "version", "scenario", "template_version", "ratings", "rating_mean", "labels")
+FEEDBACK_TABLE = (
+    ("model", "version", "scenario", "ratings", "rating_mean", "labels"),
+    ("model", "version", "scenario", "ratings", "mean rating", "labels"),
+)
 SCENARIO_COLUMNS = (
     "scenario",
     "template_version",
@@ -158,7 +161,12 @@ def report_tables(
     scenarios: Sequence[dict[str, Any]] = (),
 ) -> list[Table]:
     """The report for a terminal: one table per concern, each whole in 80 columns."""
-    rated = [row | {"labels": ", ".join(f"{k} {v}" for k, v in sorted(row.get("labels", {}).items()))} for row in feedback]
+    rated = [
+        row
+        | {"labels": ", ".join(f"{k} {v}" for k, v in sorted(row.get("labels", {}).items()))}
+        | ({"scenario": f"{row['scenario']} (template v{row['template_version']})"} if row.get("template_version") else {})
+        for row in feedback
+    ]
     return [
         report.table("versions: traffic", versions, *TRAFFIC_TABLE),
         report.table("versions: tokens", versions, *TOKENS_TABLE),
@@ -187,7 +195,7 @@ def eval_export(
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
     """Write rated answers with their prompts as a fine-tuning set (JSONL: prompt, answer, rating,
-    label, comment, model, version, scenario). Needs LLMESH_RECORD_TEXTS on the gateways."""
+    label, comment, model, version, scenario, template_version). Needs LLMESH_RECORD_TEXTS on the gateways."""
     try:
         start = since_time(since, time.time()) if since else 0.0
     except ValueError as err:

@@ -43,6 +43,7 @@ class RequestOwner(BaseModel):
     model: str
     version: int
     scenario: str = ""
+    template_version: int = 0
 
 
 class RecordedText(BaseModel):

@@ -60,6 +60,7 @@ class Example(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -70,6 +71,7 @@ class Example(_message.Message):
     label: _builtins.str
     comment: _builtins.str
     at: _builtins.float
+    template_version: _builtins.int
     def __init__(
         self,
         *,
@@ -83,10 +85,11 @@ class Example(_message.Message):
         label: _builtins.str = ...,
         comment: _builtins.str = ...,
         at: _builtins.float = ...,
+        template_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "at", b"at", "comment", b"comment", "label", b"label", "model", b"model", "prompt", b"prompt", "rating", b"rating", "request_id", b"request_id", "scenario", b"scenario", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "at", b"at", "comment", b"comment", "label", b"label", "model", b"model", "prompt", b"prompt", "rating", b"rating", "request_id", b"request_id", "scenario", b"scenario", "template_version", b"template_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,11 +125,13 @@ class FeedbackRow(_message.Message):
     RATINGS_FIELD_NUMBER: _builtins.int
     RATING_MEAN_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     scenario: _builtins.str
     ratings: _builtins.int
     rating_mean: _builtins.float
+    template_version: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
@@ -138,10 +143,11 @@ class FeedbackRow(_message.Message):
         ratings: _builtins.int = ...,
         rating_mean: _builtins.float = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        template_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "model", b"model", "rating_mean", b"rating_mean", "ratings", b"ratings", "scenario", b"scenario", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "model", b"model", "rating_mean", b"rating_mean", "ratings", b"ratings", "scenario", b"scenario", "template_version", b"template_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

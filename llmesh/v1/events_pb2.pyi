@@ -343,6 +343,7 @@ class FeedbackEvent(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -352,6 +353,8 @@ class FeedbackEvent(_message.Message):
     label: _builtins.str
     comment: _builtins.str
     at: _builtins.float
+    template_version: _builtins.int
+    """the scenario's template version that rendered the prompt (0: none)"""
     def __init__(
         self,
         *,
@@ -364,10 +367,11 @@ class FeedbackEvent(_message.Message):
         label: _builtins.str = ...,
         comment: _builtins.str = ...,
         at: _builtins.float = ...,
+        template_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "at", b"at", "comment", b"comment", "label", b"label", "model", b"model", "rating", b"rating", "request_id", b"request_id", "scenario", b"scenario", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "at", b"at", "comment", b"comment", "label", b"label", "model", b"model", "rating", b"rating", "request_id", b"request_id", "scenario", b"scenario", "template_version", b"template_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -420,6 +420,7 @@ def _example(event: events_pb2.FeedbackEvent, recorded: RecordedText) -> eval_pb
         model=event.model,
         version=event.version,
         scenario=event.scenario,
+        template_version=event.template_version,
         prompt=recorded.prompt,
         answer=recorded.answer,
         rating=event.rating,

@@ -48,19 +48,17 @@ class GenerationStats:
         self._scenarios: dict[tuple[str, int], VersionAggregate] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()  # the latest request ids: a replayed record counts once
         self._remember = remember
-        self._feedback: dict[tuple[str, int, str], FeedbackAggregate] = {}
+        self._feedback: dict[tuple[str, int, str, int], FeedbackAggregate] = {}
         self._rated: OrderedDict[str, events_pb2.FeedbackEvent] = OrderedDict()  # a request's latest feedback counts
 
     def add_feedback(self, event: events_pb2.FeedbackEvent) -> None:
         """Count a rating; a later one of the same request replaces it (a replay changes nothing)."""
         if (before := self._rated.pop(event.request_id, None)) is not None:
-            self._feedback[(before.model, before.version, before.scenario)].add(before.rating, before.label, -1)
+            self._feedback[_rated(before)].add(before.rating, before.label, -1)
         self._rated[event.request_id] = event
         if len(self._rated) > self._remember:
             self._rated.popitem(last=False)
-        self._feedback.setdefault((event.model, event.version, event.scenario), FeedbackAggregate()).add(
-            event.rating, event.label
-        )
+        self._feedback.setdefault(_rated(event), FeedbackAggregate()).add(event.rating, event.label)
 
     def add(self, record: events_pb2.GenerationRecord) -> bool:
         """Count a record; False (counting nothing) for a request counted already."""
@@ -109,11 +107,12 @@ class GenerationStats:
                 model=name,
                 version=version,
                 scenario=scenario,
+                template_version=template_version,
                 ratings=agg.ratings,
                 rating_mean=agg.rating_sum / agg.ratings,
                 labels={label: n for label, n in agg.labels.items() if n > 0},
             )
-            for (name, version, scenario), agg in sorted(self._feedback.items())
+            for (name, version, scenario, template_version), agg in sorted(self._feedback.items())
             if agg.ratings and (not model or name == model)
         ]
         scenarios = [
@@ -129,3 +128,8 @@ class GenerationStats:
             for (scenario, version), agg in sorted(self._scenarios.items())
         ]
         return eval_pb2.EvalReport(versions=rows, usage=usage, feedback=feedback, scenarios=scenarios)
+
+
+def _rated(event: events_pb2.FeedbackEvent) -> tuple[str, int, str, int]:
+    """What feedback is counted by: the model version, and the scenario's template version."""
+    return event.model, event.version, event.scenario, event.template_version

@@ -322,7 +322,9 @@ class DataPlane:
 
     @staticmethod
     def _count(scanner: Scanner, hits: list[Hit], outcome: Outcome, where: str) -> None:
-        route, scenario = outcome.route, scanner.scenario_label(outcome.scenario)
+        route = outcome.route
+        # a metric label only for scenarios the operators named: released ones, or those the rules name
+        scenario = outcome.scenario if outcome.template_version else scanner.scenario_label(outcome.scenario)
         for hit in hits:
             SENSITIVE.labels(route.model, str(route.version), scenario, hit.list, hit.action.value, where).inc()
 
@@ -481,7 +483,11 @@ class DataPlane:
 
     async def _remember_owner(self, outcome: Outcome) -> None:
         owner = RequestOwner(
-            api_key_id=outcome.api_key_id, model=outcome.route.model, version=outcome.route.version, scenario=outcome.scenario
+            api_key_id=outcome.api_key_id,
+            model=outcome.route.model,
+            version=outcome.route.version,
+            scenario=outcome.scenario,
+            template_version=outcome.template_version,
         )
         async with self.registry.redis.pipeline(transaction=False) as pipe:
             fields: dict[FieldT, EncodableT] = {k: str(v) for k, v in owner.model_dump().items()}
@@ -505,6 +511,7 @@ class DataPlane:
             model=owner.model,
             version=owner.version,
             scenario=owner.scenario,
+            template_version=owner.template_version,
             api_key_id=owner.api_key_id,
             rating=given.rating,
             label=given.label,

@@ -117,6 +117,16 @@ def _scenario_rows(mesh: StackLayout, want: dict[int, int]) -> dict[int, dict]:
         time.sleep(0.5)
 
 
+def _feedback(mesh: StackLayout) -> list[dict]:
+    deadline = time.monotonic() + 60
+    while True:
+        rows = json.loads(_cli(mesh, "eval", "report", "--json"))["feedback"]
+        if sum(int(r["ratings"]) for r in rows if r["scenario"] == SCENARIO) >= 2:
+            return rows
+        assert time.monotonic() < deadline, f"eval counted {rows}"
+        time.sleep(0.5)
+
+
 def test_a_template_canary_by_client_key_then_promoted_and_rolled_back(
     mesh: StackLayout, gateway: gateway_pb2_grpc.GatewayStub, models_dir: Path, tmp_path: Path
 ):
@@ -147,6 +157,12 @@ def test_a_template_canary_by_client_key_then_promoted_and_rolled_back(
         assert _ask(gateway, _variables(100 + n), key).template_version == reply.template_version, "sticky per client"
         sent[reply.template_version] += 1
     assert 4 <= sum(v == 2 for v in by_client.values()) <= 20, by_client
+    client_of = {version: key for key, version in by_client.items()}  # a client of each version
+    answers = {version: _ask(gateway, _variables(200), key) for version, key in client_of.items()}
+    sent.update(answers.keys())
+    for version, rating in ((1, 5), (2, 2)):  # feedback counts per template version
+        feedback = gateway_pb2.FeedbackRequest(request_id=answers[version].request_id, rating=rating)
+        gateway.SubmitFeedback(feedback, timeout=10)
 
     key, version = next(iter(by_client.items()))  # HTTP follows the same template versions, by the same key
     body = {"model": "", "scenario": SCENARIO, "variables": _variables(0), "seed": SEED}
@@ -188,6 +204,8 @@ def test_a_template_canary_by_client_key_then_promoted_and_rolled_back(
     rows = _scenario_rows(mesh, dict(sent))
     assert {v: int(rows[v]["requests"]) for v in sent} == dict(sent), "every answer counted under its template version"
     assert all(int(rows[v]["completion_tokens"]) == sent[v] * MAX_TOKENS for v in sent)
+    rated = {int(r.get("template_version", 0)): r for r in _feedback(mesh) if r["scenario"] == SCENARIO}
+    assert {v: (int(r["ratings"]), r["rating_mean"]) for v, r in rated.items()} == {1: (1, 5.0), 2: (1, 2.0)}
     table = _cli(mesh, "eval", "report")
     assert "released scenarios by template version" in table and SCENARIO in table
 

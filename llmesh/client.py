@@ -68,8 +68,7 @@ async def publish_release(kafka_settings: KafkaSettings | str, event: ReleaseEve
 
 async def publish_prompt_release(kafka_settings: KafkaSettings | str, event: PromptRelease) -> None:
     """Publish `event` (a scenario's template version, or a promotion or rollback) on the prompts topic."""
-    headers = {topics.Header.CONTENT_TYPE: topics.CONTENT_TYPE_JSON}
-    await _produce(kafka_settings, topics.PROMPTS, event.model_dump_json().encode(), event.scenario.encode(), headers)
+    await _produce(kafka_settings, topics.PROMPTS, *kafka.prompt_record(event))
 
 
 async def _produce(kafka_settings: KafkaSettings | str, topic: str, value: bytes, key: bytes, headers: dict[str, str]) -> None:

@@ -182,6 +182,8 @@ def _version(row: dict[str, Any]) -> str:
 
 
 def _candidate(row: dict[str, Any]) -> str:
+    if row.get("scenario"):  # a scenario's shadow template version
+        return f"{row['scenario']} template v{row['candidate_version']}"
     return f"{row['model']} v{row['candidate_version']}"
 
 

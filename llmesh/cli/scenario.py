@@ -46,18 +46,30 @@ def release(
         Optional[int],  # noqa: UP045
         typer.Option(min=1, max=99, help="release as a canary answering this percent of clients"),
     ] = None,
+    shadow: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, max=100, help="release as a shadow: this percent of requests mirrored, scored by eval"),
+    ] = None,
     author: str = "",
     reason: str = "",
     bootstrap: BootstrapOpt = None,
     home: HomeOpt = Path(".llmesh"),
 ) -> None:
-    """Release a template version: the scenario's new primary, or a canary beside it."""
+    """Release a template version: the scenario's new primary, or a canary or shadow beside it."""
+    if canary and shadow:
+        err_console.print("--canary or --shadow, not both")
+        raise typer.Exit(2)
     try:
         data = yaml.safe_load(spec.read_text())
         if not isinstance(data, dict):
             raise ValueError("the file must hold a mapping")
-        mode = ScenarioMode.CANARY if canary else ScenarioMode.RELEASE
-        extra = {"mode": mode, "share_percent": canary or 100, "author": author or data.get("author", ""), "reason": reason}
+        mode = ScenarioMode.CANARY if canary else ScenarioMode.SHADOW if shadow else ScenarioMode.RELEASE
+        extra = {
+            "mode": mode,
+            "share_percent": canary or shadow or 100,
+            "author": author or data.get("author", ""),
+            "reason": reason,
+        }
         event = PromptRelease.model_validate(data | extra)
     except ValidationError as err:
         err_console.print(f"{spec}: {summarize(err)}", markup=False)
@@ -72,7 +84,7 @@ def release(
 def promote(
     scenario: str, reason: str = "", author: str = "", bootstrap: BootstrapOpt = None, home: HomeOpt = Path(".llmesh")
 ) -> None:
-    """Make the scenario's canary its primary."""
+    """Make the scenario's candidate (canary or shadow) its primary."""
     _publish(PromptRelease(scenario=scenario, mode=ScenarioMode.PROMOTE, reason=reason, author=author), bootstrap, home)
 
 
@@ -80,7 +92,7 @@ def promote(
 def rollback(
     scenario: str, reason: str = "", author: str = "", bootstrap: BootstrapOpt = None, home: HomeOpt = Path(".llmesh")
 ) -> None:
-    """Drop the scenario's canary, or (without one) go back to the previous primary."""
+    """Drop the scenario's candidate, or (without one) go back to the previous primary."""
     _publish(PromptRelease(scenario=scenario, mode=ScenarioMode.ROLLBACK, reason=reason, author=author), bootstrap, home)
 
 
@@ -106,7 +118,7 @@ def list_scenarios(gateway: GatewayOpt = None, home: HomeOpt = Path(".llmesh")) 
         primary = versions[info.primary_version]
         serving = f"v{info.primary_version}"
         if info.candidate_version:
-            serving += f", canary v{info.candidate_version} at {info.share_percent}%"
+            serving += f", {info.candidate_mode} v{info.candidate_version} at {info.share_percent}%"
         params = ", ".join(f"{n}: {t}" for n, t in sorted(primary.params.items()))
         released = datetime.fromtimestamp(primary.released_at).strftime("%Y-%m-%d %H:%M") if primary.released_at else ""
         table.add_row(escape(info.name), serving, escape(primary.model), escape(params), released)

@@ -21,6 +21,7 @@ from prometheus_client import Histogram
 from llmesh.common import tansu_compat, topics
 from llmesh.common.events import ReleaseEvent
 from llmesh.common.polling import AdaptivePolling
+from llmesh.common.prompts import PromptRelease
 from llmesh.common.seal import BrokenSeal, MeshSeal
 from llmesh.common.settings import KafkaSettings
 from llmesh.common.topics import Header
@@ -256,3 +257,14 @@ async def publish_release(broker: KafkaBroker, event: ReleaseEvent) -> None:
     """Publish a release event the mesh made (the gateway's Admin API, eval's policy) on the release topic."""
     value, key, headers = release_record(event)
     await broker.publish(value, topics.RELEASES, key=key, headers=headers)
+
+
+def prompt_record(event: PromptRelease) -> tuple[bytes, bytes, dict[str, str]]:
+    """Value, key and headers of a prompt release on the prompts topic (JSON, keyed by scenario)."""
+    return event.model_dump_json().encode(), event.scenario.encode(), {Header.CONTENT_TYPE: topics.CONTENT_TYPE_JSON}
+
+
+async def publish_prompt_release(broker: KafkaBroker, event: PromptRelease) -> None:
+    """Publish a prompt release the mesh made (eval's policy on a shadow template) on the prompts topic."""
+    value, key, headers = prompt_record(event)
+    await broker.publish(value, topics.PROMPTS, key=key, headers=headers)

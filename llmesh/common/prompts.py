@@ -2,8 +2,8 @@
 
 A scenario ("support-summary") binds a name to a template version, the model that answers it (an
 alias, or a pinned version) and its sampling defaults. Operators publish signed `PromptRelease`
-events: `release` (the new primary), `canary` (a candidate answering a share of clients), `promote`,
-`rollback`. Every gateway replica folds the log into one `ScenarioState` per scenario, stored in Redis
+events: `release` (the new primary), `canary` (a candidate answering a share of clients), `shadow` (a
+candidate whose answers, to a share of requests, only eval sees), `promote`, `rollback`. Every gateway replica folds the log into one `ScenarioState` per scenario, stored in Redis
 with the offset it reflects, so that a replica that applies an event twice, or a replay from offset
 0, changes nothing (`apply` is pure; the store writes only a state newer than its own).
 
@@ -149,6 +149,7 @@ class ScenarioSampling(BaseModel):
 class ScenarioMode(StrEnum):
     RELEASE = "release"  # the version becomes the primary
     CANARY = "canary"  # the version answers share_percent of clients (by API key)
+    SHADOW = "shadow"  # share_percent of requests are also rendered with it and mirrored; eval scores the pairs
     PROMOTE = "promote"  # the canary becomes the primary
     ROLLBACK = "rollback"  # drop the canary, else go back to the previous primary
 
@@ -174,7 +175,7 @@ class PromptRelease(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self) -> PromptRelease:
-        if self.mode in (ScenarioMode.RELEASE, ScenarioMode.CANARY):
+        if self.mode in (ScenarioMode.RELEASE, ScenarioMode.CANARY, ScenarioMode.SHADOW):
             if self.version < 1 or self.template is None or not self.model:
                 raise ValueError(f"a {self.mode.value} names its version (>= 1), template and model")
             try:
@@ -243,6 +244,7 @@ class ScenarioState(BaseModel):
     primary: int = 0
     earlier: list[int] = Field(default_factory=list)  # the primaries before, newest last (for rollback)
     candidate: int = 0
+    candidate_mode: ScenarioMode = ScenarioMode.CANARY  # or SHADOW
     share_percent: int = 0
     versions: dict[int, TemplateVersion] = Field(default_factory=dict)
     history: list[HistoryEntry] = Field(default_factory=list)
@@ -261,13 +263,17 @@ def apply(state: ScenarioState | None, event: PromptRelease) -> ScenarioState:
     if event.event_id in state.event_ids:
         return state
     update: dict[str, object]
-    if event.mode in (ScenarioMode.RELEASE, ScenarioMode.CANARY):
+    if event.mode in (ScenarioMode.RELEASE, ScenarioMode.CANARY, ScenarioMode.SHADOW):
         update = _released(state, event)
     elif event.mode is ScenarioMode.PROMOTE:
         if not state.candidate or event.version not in (0, state.candidate):
-            raise InvalidEvent(f"scenario {event.scenario} has no canary {event.version or ''} to promote")
+            raise InvalidEvent(f"scenario {event.scenario} has no candidate {event.version or ''} to promote")
         update = {"primary": state.candidate, "earlier": [*state.earlier, state.primary], "candidate": 0, "share_percent": 0}
-    elif state.candidate:  # rollback: the canary goes first
+    elif event.version and event.version not in (state.candidate, state.primary):
+        raise InvalidEvent(f"scenario {event.scenario} v{event.version} is neither its candidate nor its primary")
+    elif state.candidate:  # rollback: the candidate goes first
+        if event.version == state.primary:
+            raise InvalidEvent(f"scenario {event.scenario} has a candidate: roll it back first (v{state.candidate})")
         update = {"candidate": 0, "share_percent": 0}
     elif state.earlier:
         update = {"primary": state.earlier[-1], "earlier": state.earlier[:-1]}
@@ -305,10 +311,15 @@ def _released(state: ScenarioState, event: PromptRelease) -> dict[str, object]:
         released_at=event.created_at,
     )
     versions = {**state.versions, event.version: released}
-    if event.mode is ScenarioMode.CANARY:
+    if event.mode is not ScenarioMode.RELEASE:
         if not state.primary or event.version == state.primary:
-            raise InvalidEvent(f"a canary of scenario {event.scenario} needs a primary other than v{event.version}")
-        return {"versions": versions, "candidate": event.version, "share_percent": event.share_percent}
+            raise InvalidEvent(f"a {event.mode.value} of scenario {event.scenario} needs a primary other than v{event.version}")
+        return {
+            "versions": versions,
+            "candidate": event.version,
+            "candidate_mode": event.mode,
+            "share_percent": event.share_percent,
+        }
     earlier = [*state.earlier, state.primary] if state.primary and state.primary != event.version else state.earlier
     return {"versions": versions, "primary": event.version, "earlier": earlier, "candidate": 0, "share_percent": 0}
 

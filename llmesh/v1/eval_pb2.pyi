@@ -234,6 +234,7 @@ class CandidateStats(_message.Message):
     SENSITIVE_HITS_FIELD_NUMBER: _builtins.int
     ERROR_RATE_FIELD_NUMBER: _builtins.int
     LATE_FIELD_NUMBER: _builtins.int
+    SCENARIO_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     candidate_version: _builtins.int
     mode: _builtins.str
@@ -259,6 +260,8 @@ class CandidateStats(_message.Message):
     error_rate: _builtins.float
     late: _builtins.int
     """answers that arrived after their pair had been counted missing"""
+    scenario: _builtins.str
+    """a scenario's shadow template version (candidate_version: its number)"""
     def __init__(
         self,
         *,
@@ -277,10 +280,11 @@ class CandidateStats(_message.Message):
         sensitive_hits: _builtins.int = ...,
         error_rate: _builtins.float = ...,
         late: _builtins.int = ...,
+        scenario: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_errors", b"candidate_errors", "candidate_version", b"candidate_version", "embedding_cosine", b"embedding_cosine", "error_rate", b"error_rate", "exact_match", b"exact_match", "late", b"late", "latency_delta_ms", b"latency_delta_ms", "length_ratio", b"length_ratio", "missing", b"missing", "mode", b"mode", "model", b"model", "pairs", b"pairs", "rouge_l", b"rouge_l", "sensitive_hits", b"sensitive_hits", "token_agreement", b"token_agreement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_errors", b"candidate_errors", "candidate_version", b"candidate_version", "embedding_cosine", b"embedding_cosine", "error_rate", b"error_rate", "exact_match", b"exact_match", "late", b"late", "latency_delta_ms", b"latency_delta_ms", "length_ratio", b"length_ratio", "missing", b"missing", "mode", b"mode", "model", b"model", "pairs", b"pairs", "rouge_l", b"rouge_l", "scenario", b"scenario", "sensitive_hits", b"sensitive_hits", "token_agreement", b"token_agreement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

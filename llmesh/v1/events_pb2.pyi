@@ -274,6 +274,7 @@ class GenerationRecord(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
     TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    SHADOW_TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
@@ -297,6 +298,8 @@ class GenerationRecord(_message.Message):
     """... and the answer as the client got it (content lists applied)"""
     template_version: _builtins.int
     """the scenario's template version (0: the client sent the prompt)"""
+    shadow_template_version: _builtins.int
+    """the scenario's shadow template version mirrored (eval scores the pair)"""
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -319,10 +322,11 @@ class GenerationRecord(_message.Message):
         prompt: _builtins.str = ...,
         answer: _builtins.str = ...,
         template_version: _builtins.int = ...,
+        shadow_template_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "finished_at", b"finished_at", "first_token_ms", b"first_token_ms", "generation_ms", b"generation_ms", "latency_ms", b"latency_ms", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "scenario", b"scenario", "shadowed", b"shadowed", "status_code", b"status_code", "stream", b"stream", "template_version", b"template_version", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "finished_at", b"finished_at", "first_token_ms", b"first_token_ms", "generation_ms", b"generation_ms", "latency_ms", b"latency_ms", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "scenario", b"scenario", "shadow_template_version", b"shadow_template_version", "shadowed", b"shadowed", "status_code", b"status_code", "stream", b"stream", "template_version", b"template_version", "text", b"text", "usage", b"usage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

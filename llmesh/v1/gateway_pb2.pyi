@@ -327,11 +327,14 @@ class ScenarioInfo(_message.Message):
     SHARE_PERCENT_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    CANDIDATE_MODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     primary_version: _builtins.int
     candidate_version: _builtins.int
     """a canary, 0 when none"""
     share_percent: _builtins.int
+    candidate_mode: _builtins.str
+    """canary (answers its share of clients) or shadow (mirrored, scored by eval)"""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateInfo]: ...
     @_builtins.property
@@ -345,10 +348,11 @@ class ScenarioInfo(_message.Message):
         share_percent: _builtins.int = ...,
         versions: _abc.Iterable[Global___TemplateInfo] | None = ...,
         history: _abc.Iterable[Global___ScenarioHistoryEntry] | None = ...,
+        candidate_mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_version", b"candidate_version", "history", b"history", "name", b"name", "primary_version", b"primary_version", "share_percent", b"share_percent", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_mode", b"candidate_mode", "candidate_version", b"candidate_version", "history", b"history", "name", b"name", "primary_version", b"primary_version", "share_percent", b"share_percent", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 
 import grpc
@@ -24,6 +25,7 @@ from llmesh.common.audit import AuditAction, AuditEntry, AuditSource, AuditTrail
 from llmesh.common.events import ReleaseEvent, ReleaseMode
 from llmesh.common.feedback import FEEDBACK_DATA, FEEDBACK_INDEX, RecordedText, recorded_key
 from llmesh.common.keycheck import CALLER
+from llmesh.common.prompts import PromptRelease, ScenarioStore
 from llmesh.common.registry import Registry
 from llmesh.common.scoring import Embedder, score_pair
 from llmesh.common.serving import KafkaService, run_service
@@ -31,10 +33,11 @@ from llmesh.common.settings import load_settings
 from llmesh.common.tasks import cancel
 from llmesh.common.topics import Header
 from llmesh.v1 import eval_pb2, eval_pb2_grpc, events_pb2
-from services.eval.pairs import LATE, CandidateScores, PairJoin, Side
+from services.eval.pairs import LATE, CandidateScores, PairJoin, Side, paired_sides
 from services.eval.policy import PromotionPolicy, Verdict, judge
 from services.eval.settings import EvalSettings
 from services.eval.stats import GenerationStats
+from services.eval.templates import TemplateReview
 from services.eval.webhooks import Failed, Webhooks
 
 log = logging.getLogger("llmesh.eval")
@@ -92,6 +95,9 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         self.join = PairJoin(self.registry.redis, settings.join_ttl_s)
         self.scores = CandidateScores(self.registry.redis)
         self.policy = PromotionPolicy.load(settings.policy_file)
+        self.templates = TemplateReview(
+            ScenarioStore(self.registry.redis), self.scores, self.policy, self.audit, self._publish_prompt_release
+        )
         self.embedder = Embedder()
         # Scoring is background work: one low-priority thread, so it never competes with serving.
         self.scoring_pool = ThreadPoolExecutor(1, thread_name_prefix="scoring", initializer=_background_thread)
@@ -151,7 +157,9 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             text = RecordedText(prompt=record.prompt, answer=record.answer).model_dump_json()
             await self.registry.redis.set(recorded_key(record.request_id), text, ex=int(self.settings.record_retention_s))
         if record.shadowed:
-            side = Side(record.model, record.version, record.text, record.generation_ms, record.status_code != 0)
+            error = record.status_code != 0
+            side = Side(record.model, record.version, record.text, record.generation_ms, error, record.scenario)
+            side = replace(side, shadow_template_version=record.shadow_template_version)
             await self._join(record.request_id, "answer", side)
 
     async def on_feedback(self, msg: KafkaMessage) -> None:
@@ -188,10 +196,9 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
                 await self.scores.count_late(side.model, routing.candidate)
             return
         assert isinstance(sides, dict)
-        by_version = {s.version: s for s in sides.values()}
-        candidate, primary = by_version.get(routing.candidate), by_version.get(routing.primary)
-        if candidate is None or primary is None or candidate is primary:
+        if (paired := paired_sides(sides, routing)) is None:
             return  # the candidate changed since the request was made
+        scored, primary, candidate = paired
         score = await asyncio.get_running_loop().run_in_executor(
             self.scoring_pool,
             partial(
@@ -207,8 +214,8 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             ),
         )
         EMBEDDER_LOADED.set(int(self.embedder.loaded))
-        await self.scores.add(side.model, candidate.version, score.as_dict())
-        PAIRS.labels(side.model, str(candidate.version)).inc()
+        await self.scores.add(*scored, score.as_dict())
+        PAIRS.labels(scored[0], str(scored[1])).inc()
 
     # ---- policy --------------------------------------------------------------------------------
 
@@ -220,6 +227,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
                 for model in await self.registry.models():
                     await self._review(model)
                     await self._watch_approval(model)
+                await self.templates.review()
             except Exception:
                 log.exception("policy review failed")
 
@@ -264,6 +272,10 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
 
     async def _count_missing(self) -> None:
         for side in await self.join.sweep():
+            if scored := side.template_candidate():
+                await self.scores.count_missing(*scored)
+                MISSING.labels(scored[0]).inc()
+                continue
             routing = await self.registry.routing(side.model)
             if routing.candidate:
                 await self.scores.count_missing(side.model, routing.candidate)
@@ -380,6 +392,9 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
             extra={"model": model, "version": stats.candidate_version, "action": verdict.action, "reasons": verdict.reasons},
         )
 
+    async def _publish_prompt_release(self, event: PromptRelease) -> None:
+        await kafka.publish_prompt_release(self.broker, event.signed(self.settings.release_key()))
+
     # ---- gRPC ----------------------------------------------------------------------------------
 
     async def ExportExamples(
@@ -411,6 +426,7 @@ class EvalService(KafkaService, eval_pb2_grpc.EvalServicer):
         for model in [request.model] if request.model else await self.registry.models():
             if stats := await self.candidate_stats(model):
                 report.candidates.append(stats)
+        report.candidates.extend(s for s in await self.templates.candidates() if not request.model or s.model == request.model)
         return report
 
 

@@ -4,7 +4,8 @@ eval replica can complete a pair), and keeps the scores of each candidate.
 Keys:
   llmesh:eval:join:{request_id}        hash: primary, candidate (JSON sides); expires after join_ttl_s
   llmesh:eval:join:deadlines           sorted set: request id -> when it counts as missing
-  llmesh:eval:scores:{model}:{version} list of JSON PairScore (newest last, capped)
+  llmesh:eval:scores:{model}:{version} list of JSON PairScore (newest last, capped); a scenario's shadow
+                                       template versions under the model name scenario/{name}
   llmesh:eval:missing:{model}:{version} counter of requests whose other side never came
   llmesh:eval:late:{model}:{version}   counter of sides that came after their pair was counted missing
   llmesh:eval:join:expired:{request_id} marks a request counted missing (so a late side is not joined)
@@ -19,6 +20,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from llmesh.common.registry import Routing
 from llmesh.v1 import eval_pb2
 
 PREFIX = "llmesh:eval"
@@ -28,6 +30,11 @@ MAX_SCORES = 10_000
 
 def join_key(request_id: str) -> str:
     return f"{PREFIX}:join:{request_id}"
+
+
+def template_key(scenario: str) -> str:
+    """The name a scenario's template candidates are scored under (no model name holds a '/')."""
+    return f"scenario/{scenario}"
 
 
 def scores_key(model: str, version: int) -> str:
@@ -51,13 +58,20 @@ LATE = "late"  # what PairJoin.add returns for a side whose pair was already cou
 
 @dataclass(frozen=True)
 class Side:
-    """One answer: which version gave it, its text, how long generation took, whether it failed."""
+    """One answer: which version gave it, its text, how long generation took, whether it failed;
+    for the client's answer to a scenario whose shadow template was mirrored, that template version."""
 
     model: str
     version: int
     text: str
     generation_ms: float
     error: bool
+    scenario: str = ""
+    shadow_template_version: int = 0
+
+    def template_candidate(self) -> tuple[str, int] | None:
+        """Where the pair is scored when its mirror is a shadow template's answer."""
+        return (template_key(self.scenario), self.shadow_template_version) if self.shadow_template_version else None
 
     def dump(self) -> str:
         return json.dumps(self.__dict__)
@@ -65,6 +79,19 @@ class Side:
     @classmethod
     def load(cls, raw: str) -> Side:
         return cls(**json.loads(raw))
+
+
+def paired_sides(sides: dict[str, Side], routing: Routing) -> tuple[tuple[str, int], Side, Side] | None:
+    """Where a complete pair is scored, the primary's side and the candidate's: a scenario's shadow
+    template (one model version, two prompts), else the model's candidate as routed now."""
+    answer = sides["answer"]
+    if scored := answer.template_candidate():
+        return scored, answer, sides["mirror"]
+    by_version = {s.version: s for s in sides.values()}
+    candidate, primary = by_version.get(routing.candidate), by_version.get(routing.primary)
+    if candidate is None or primary is None or candidate is primary:
+        return None
+    return (answer.model, candidate.version), primary, candidate
 
 
 class PairJoin:

@@ -201,7 +201,11 @@ class GatewayService(KafkaService, gateway_pb2_grpc.GatewayServicer):
 
 def _scenario_info(state: ScenarioState) -> gateway_pb2.ScenarioInfo:
     info = gateway_pb2.ScenarioInfo(
-        name=state.name, primary_version=state.primary, candidate_version=state.candidate, share_percent=state.share_percent
+        name=state.name,
+        primary_version=state.primary,
+        candidate_version=state.candidate,
+        candidate_mode=state.candidate_mode.value if state.candidate else "",
+        share_percent=state.share_percent,
     )
     for v in state.versions.values():
         info.versions.add(

@@ -48,7 +48,7 @@ from services.gateway.auth import QuotaExceeded, Quotas
 from services.gateway.fleetgate import FleetGate
 from services.gateway.replies import PendingReplies, ReplyTimeout
 from services.gateway.settings import GatewaySettings
-from services.gateway.traffic import TrafficPlan, choose_template, plan
+from services.gateway.traffic import TrafficPlan, plan, plan_template
 
 REQUESTS = Counter("llmesh_gateway_requests_total", "Generate requests by outcome", ["model", "version", "code", "stream"])
 LATENCY = Histogram(
@@ -111,6 +111,16 @@ class GenerationRequest:
     timeout_s: float | None = None  # what is left of the client's deadline
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """A request after its scenario: the prompt its template version rendered, and a shadow's."""
+
+    request: GenerationRequest
+    template_version: int = 0
+    shadow_template_version: int = 0
+    shadow_prompt: str = ""
+
+
 @dataclass
 class Outcome:
     route: Route
@@ -129,6 +139,7 @@ class Outcome:
     prompt_tokens: int = 0
     scenario: str = ""
     template_version: int = 0  # the scenario's template version that rendered the prompt
+    shadow_template_version: int = 0  # a shadow template version whose prompt was mirrored
     stopped: bool = False  # the gateway stopped the answer before its end (infer must stop too)
     recorded_prompt: str = ""  # with record_texts: the prompt as the model saw it ...
     recorded_answer: list[str] = field(default_factory=list)  # ... and the answer as the client got it
@@ -199,13 +210,17 @@ class DataPlane:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[tuple[Outcome, events_pb2.TextChunk], None]:
         """The request's reply chunks, the last one final; GenerationError when refused or failed.
         A cancelled consumer (client gone) cancels the generation in infer."""
-        request, template_version = await self._from_scenario(request)
-        sampling = self._validate(request)
         request_id = uuid.uuid4().hex
+        rendered = await self._from_scenario(request, request_id)
+        request = rendered.request
+        sampling = self._validate(request)
         traffic = await self._plan(request, request_id)
         route = traffic.answer
-        outcome = Outcome(route, request_id, request.stream, shadowed=traffic.shadow is not None, scenario=request.scenario)
-        outcome.template_version = template_version
+        # one mirror a request: the model's candidate first (its policy), else the scenario's shadow template
+        shadow_template = rendered.shadow_template_version if traffic.shadow is None else 0
+        outcome = Outcome(route, request_id, request.stream, scenario=request.scenario)
+        outcome.shadowed = traffic.shadow is not None or bool(shadow_template)
+        outcome.template_version, outcome.shadow_template_version = rendered.template_version, shadow_template
         scanner = self.content.scanner(route.model, request.scenario)
         prompt = self._screen_prompt(scanner, request.prompt, outcome) if scanner else request.prompt
         if self.settings.record_texts:
@@ -230,6 +245,9 @@ class DataPlane:
             await self._publish(task, trace, self.reply_topic)
             if traffic.shadow is not None:
                 await self._mirror(task, traffic.shadow.version, prompt, trace)
+            elif shadow_template:  # the same model version and sampling: only the template differs
+                shadow_prompt = scanner.scan(rendered.shadow_prompt)[0] if scanner else rendered.shadow_prompt
+                await self._mirror(task, route.version, shadow_prompt, trace)
             deadline = asyncio.get_running_loop().time() + timeout
             answer = AnswerFilter(scanner) if scanner else None
             async for chunk in self.pending.chunks(outcome.request_id, deadline):
@@ -263,13 +281,14 @@ class DataPlane:
                 WAITING.dec()
                 await self.records.spawn(self._record(outcome, time.perf_counter() - outcome.started))
 
-    async def _from_scenario(self, request: GenerationRequest) -> tuple[GenerationRequest, int]:
+    async def _from_scenario(self, request: GenerationRequest, request_id: str) -> Rendered:
         """A released scenario's request as the model gets it: the prompt its template version renders
-        (the canary's for a share of clients), its model, its sampling defaults; and that version."""
+        (the canary's for a share of clients), its model, its sampling defaults; and a shadow
+        template version's prompt for a share of requests."""
         if not request.scenario:
             if request.variables:
                 raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, "variables need a scenario (whose template uses them)")
-            return request, 0
+            return Rendered(request)
         try:
             state = await self.scenarios.get(request.scenario)
         except InvalidRequest as err:
@@ -277,11 +296,13 @@ class DataPlane:
         if state is None or not state.primary:
             if request.variables or not request.prompt:
                 raise GenerationError(grpc.StatusCode.NOT_FOUND, f"scenario {shown(request.scenario)} is not released")
-            return request, 0  # a label only: usage, feedback and content lists per scenario
+            return Rendered(request)  # a label only: usage, feedback and content lists per scenario
         if request.prompt:
             message = f"scenario {state.name} renders its prompt from its template: send variables, not a prompt"
             raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, message)
-        chosen = choose_template(state, request.client_key or _digest(json.dumps(request.variables, sort_keys=True, default=str)))
+        sticky = request.client_key or _digest(json.dumps(request.variables, sort_keys=True, default=str))
+        templates = plan_template(state, sticky, request_id)
+        chosen = templates.answer
         if request.model and request.model != chosen.model:
             message = f"scenario {state.name} is bound to model {chosen.model}; leave model empty"
             raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, message)
@@ -289,11 +310,21 @@ class DataPlane:
             prompt = chosen.template.render(request.variables)
         except InvalidRequest as err:
             raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, f"scenario {state.name} v{chosen.version}: {err}") from None
+        shadow, shadow_prompt = templates.shadow, ""
+        if shadow is not None:
+            try:
+                shadow_prompt = shadow.template.render(request.variables)
+            except InvalidRequest:  # the client's request is valid for the version that answers it
+                log.warning("a shadow template could not render", extra={"scenario": state.name, "version": shadow.version})
+                shadow = None
         SCENARIO_BUDGET.labels(state.name).set(state.budget())
-        defaults = chosen.sampling.model_dump()
-        return replace(
-            request, model=chosen.model, prompt=prompt, sampling=request.sampling.with_defaults(**defaults)
-        ), chosen.version
+        sampling = request.sampling.with_defaults(**chosen.sampling.model_dump())
+        return Rendered(
+            replace(request, model=chosen.model, prompt=prompt, sampling=sampling),
+            chosen.version,
+            shadow.version if shadow else 0,
+            shadow_prompt,
+        )
 
     def _screen_prompt(self, scanner: Scanner, prompt: Prompt, outcome: Outcome) -> Prompt:
         """The prompt with what redact lists found masked; refused when a refuse list found anything."""
@@ -471,6 +502,7 @@ class DataPlane:
             prompt=outcome.recorded_prompt,
             answer="".join(outcome.recorded_answer),
             template_version=outcome.template_version,
+            shadow_template_version=outcome.shadow_template_version,
         )
         try:
             if outcome.code == grpc.StatusCode.OK:  # the answer may be rated, by the key that asked for it

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from llmesh.common.prompts import ScenarioState, TemplateVersion
+from llmesh.common.prompts import ScenarioMode, ScenarioState, TemplateVersion
 from llmesh.common.registry import Route, Routing
 
 
@@ -37,8 +37,19 @@ def plan(model: str, routing: Routing, sticky_key: str, request_id: str) -> Traf
     return TrafficPlan(primary)
 
 
-def choose_template(state: ScenarioState, sticky_key: str) -> TemplateVersion:
-    """A scenario's canary answers its share of sticky keys (bucketed apart from the model's canary)."""
-    if state.candidate and bucket(f"{state.name}\0{sticky_key}") < state.share_percent:
-        return state.versions[state.candidate]
-    return state.serving()
+@dataclass(frozen=True)
+class TemplatePlan:
+    answer: TemplateVersion  # the template version whose prompt the model answers for the client
+    shadow: TemplateVersion | None = None  # a candidate whose prompt is mirrored (its answer goes to eval only)
+
+
+def plan_template(state: ScenarioState, sticky_key: str, request_id: str) -> TemplatePlan:
+    """A scenario's canary answers its share of sticky keys (bucketed apart from the model's canary);
+    its shadow gets its share of requests mirrored."""
+    primary = state.serving()
+    if not state.candidate:
+        return TemplatePlan(primary)
+    candidate = state.versions[state.candidate]
+    if state.candidate_mode is ScenarioMode.SHADOW:
+        return TemplatePlan(primary, candidate if bucket(request_id) < state.share_percent else None)
+    return TemplatePlan(candidate if bucket(f"{state.name}\0{sticky_key}") < state.share_percent else primary)

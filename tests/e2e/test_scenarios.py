@@ -27,7 +27,7 @@ from llmesh.loadgen import wait_for_primary
 from llmesh.stack import processes
 from llmesh.stack.layout import StackLayout
 from llmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.e2e.gateways import new_key, start_keyed_gateway
+from tests.e2e.gateways import audit_entries, new_key, start_keyed_gateway
 from tests.e2e.kafka_tools import dead_letters_for
 
 pytestmark = pytest.mark.slow
@@ -271,3 +271,28 @@ def test_forged_re_sent_and_bad_requests(mesh: StackLayout, gateway: gateway_pb2
     with pytest.raises(grpc.RpcError) as err:
         _ask(gateway, {"q": "x"}, scenario="never-released")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "is not released" in (err.value.details() or "")
+
+
+def test_a_shadow_template_is_scored_by_eval_and_promoted_by_its_policy(
+    mesh: StackLayout, gateway: gateway_pb2_grpc.GatewayStub, models_dir: Path
+):
+    """v2 renders the same prompt as v1 (a reworded comment only): every pair agrees, so the policy
+    (min_samples 12) promotes it; clients only ever get v1's answers meanwhile."""
+    model, name, key = "shadowtpl", "mirrored", os.environ["LLMESH_RELEASE_HMAC_KEY"].encode()
+    broker = mesh.address("broker")
+    asyncio.run(client.publish_release(broker, client.release_for(model, 1, models_dir / "chat-v1")))
+    wait_for_primary(gateway, model, 1, timeout=120)
+    for version, mode, text in ((1, ScenarioMode.RELEASE, V1), (2, ScenarioMode.SHADOW, "{# reworded #}" + V1)):
+        template = {"text": text, "params": PARAMS}
+        event = PromptRelease.model_validate(
+            {"scenario": name, "version": version, "mode": mode, "template": template, "model": model, "share_percent": 100}
+        )
+        asyncio.run(client.publish_prompt_release(broker, event.signed(key)))
+    _wait_for(gateway, 1, candidate=2, scenario=name)
+
+    for n in range(16):
+        assert _ask(gateway, _variables(n), scenario=name).template_version == 1, "a shadow never answers"
+    info = _wait_for(gateway, 2, scenario=name)
+    assert (info.history[-1].mode, info.history[-1].version, info.history[-1].author) == ("promote", 2, "llmesh-eval policy")
+    (decision,) = [e for e in audit_entries(mesh, "--model", f"scenario/{name}") if e.action == "policy.decision"]
+    assert decision.version == 2 and int(decision.details["samples"]) >= 12 and float(decision.details["rouge_l"]) == 1.0

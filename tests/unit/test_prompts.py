@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from llmesh.common.events import InvalidEvent
 from llmesh.common.prompts import PromptRelease, PromptTemplate, ScenarioMode, ScenarioState, apply
 from llmesh.common.validation import InvalidRequest, SamplingValues
-from services.gateway.traffic import choose_template
+from services.gateway.traffic import plan_template
 
 KEY = b"release-key"
 PARAMS = {
@@ -91,7 +91,7 @@ def test_release_canary_promote_and_rollback():
 
 def test_what_cannot_apply_says_why():
     one = _fold(_release(1))
-    with pytest.raises(InvalidEvent, match="no canary"):
+    with pytest.raises(InvalidEvent, match="no candidate"):
         apply(one, PromptRelease(scenario="support", mode=ScenarioMode.PROMOTE))
     with pytest.raises(InvalidEvent, match="no earlier version"):
         apply(one, PromptRelease(scenario="support", mode=ScenarioMode.ROLLBACK))
@@ -145,11 +145,33 @@ def test_signatures_cover_every_field():
 
 def test_the_canary_answers_its_share_of_clients_and_each_client_stays_on_its_version():
     state = _fold(_release(1), _release(2, ScenarioMode.CANARY, share_percent=50))
-    chosen = {f"client-{n}": choose_template(state, f"client-{n}").version for n in range(400)}
+    chosen = {f"client-{n}": plan_template(state, f"client-{n}", "r").answer.version for n in range(400)}
     assert 150 < sum(v == 2 for v in chosen.values()) < 250
-    assert all(choose_template(state, key).version == version for key, version in chosen.items())
+    assert all(plan_template(state, key, "r").answer.version == version for key, version in chosen.items())
 
 
 def test_scenario_sampling_fills_only_what_the_client_left_unset():
     values = SamplingValues(max_tokens=None, temperature=0.7).with_defaults(max_tokens=24, temperature=0.0, top_p=None)
     assert (values.max_tokens, values.temperature, values.top_p) == (24, 0.7, None)
+
+
+def test_a_shadow_template_is_mirrored_for_its_share_of_requests_and_never_answers():
+    state = _fold(_release(1), _release(2, ScenarioMode.SHADOW, share_percent=25))
+    assert (state.candidate, state.candidate_mode) == (2, ScenarioMode.SHADOW)
+    plans = [plan_template(state, "one-client", f"request-{n}") for n in range(400)]
+    assert {p.answer.version for p in plans} == {1}, "clients always get the primary's answer"
+    assert 60 < sum(p.shadow is not None and p.shadow.version == 2 for p in plans) < 140
+    promoted = apply(state, PromptRelease(scenario="support", version=2, mode=ScenarioMode.PROMOTE))
+    assert (promoted.primary, promoted.candidate) == (2, 0)
+
+
+def test_a_rollback_naming_a_version_applies_only_to_that_version():
+    state = _fold(_release(1), _release(2), _release(3, ScenarioMode.SHADOW, share_percent=10))
+    with pytest.raises(InvalidEvent, match="neither its candidate nor its primary"):
+        apply(state, PromptRelease(scenario="support", version=1, mode=ScenarioMode.ROLLBACK))
+    with pytest.raises(InvalidEvent, match="roll it back first"):
+        apply(state, PromptRelease(scenario="support", version=2, mode=ScenarioMode.ROLLBACK))
+    dropped = apply(state, PromptRelease(scenario="support", version=3, mode=ScenarioMode.ROLLBACK))
+    assert (dropped.primary, dropped.candidate) == (2, 0)
+    back = apply(dropped, PromptRelease(scenario="support", version=2, mode=ScenarioMode.ROLLBACK))
+    assert back.primary == 1

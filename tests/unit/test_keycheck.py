@@ -77,11 +77,17 @@ class NoModels:
         return []
 
 
+class NoTemplates:
+    async def candidates(self) -> list[object]:
+        return []
+
+
 def _eval_service() -> EvalService:
     """EvalService's GetReport over known records, without its broker, Redis or embedder."""
     service = EvalService.__new__(EvalService)
     service.stats = GenerationStats()
     service.registry = NoModels()  # type: ignore[assignment]
+    service.templates = NoTemplates()  # type: ignore[assignment]
     for n, (key_id, scenario) in enumerate((("id-read", "a"), ("id-read", "b"), ("id-generate", "a"), ("", "a"))):
         record = events_pb2.GenerationRecord(
             request_id=f"r{n}", model="chat", version=1, api_key_id=key_id, scenario=scenario, latency_ms=1

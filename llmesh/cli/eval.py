@@ -133,7 +133,7 @@ def eval_report(
         charts = [
             (
                 "candidate scores",
-                [f"{c['model']} v{c['candidate_version']}" for c in candidates],
+                [_candidate(c) for c in candidates],
                 {m: [float(c[m]) for c in candidates] for m in report.CANDIDATE_METRICS[:4]},
             ),
             (

@@ -1,7 +1,8 @@
 """Batch backtests: a JSONL file of cases sent through the mesh against chosen versions, and scored.
 
 A case: {"id": "...", "prompt": "...", "expected": "...", "label": 0|1 (optional), "max_tokens": N (optional),
-"assert": [{"type": "contains", "value": "..."}, ...] (optional)}.
+"assert": [{"type": "contains", "value": "..."}, ...] (optional)}; against a scenario's template version,
+"variables": {...} instead of the prompt (the template renders it).
 For labelled cases the prediction is positive when the answer matches the expected text
 (ROUGE-L >= match_threshold), which gives precision, recall and F1. Assertions, as promptfoo writes
 them (`contains`, `icontains`, `equals`, `regex`, `is-json`, each also as `not-...`), give a pass rate
@@ -20,7 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmesh import client
 from llmesh.common.scoring import Embedder, rouge_l, words
@@ -82,11 +93,39 @@ class Case(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     id: str
-    prompt: str = Field(min_length=1)
+    prompt: str = ""
+    variables: dict[str, StrictStr | StrictBool | StrictInt | float] | None = None  # for a scenario's template
     expected: str = ""
     label: int | None = Field(default=None, ge=0, le=1)
     max_tokens: int = Field(default=24, ge=1)
     assertions: list[Assertion] = Field(default_factory=list, alias="assert")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a backtest asks: a model version, or a scenario's template version (pinned: NAME@N)."""
+
+    version: int
+    model: str = ""
+    scenario: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.scenario} template v{self.version}" if self.scenario else f"{self.model}@{self.version}"
+
+    def request(self, case: Case, sampling: common_pb2.SamplingParams) -> gateway_pb2.GenerateRequest:
+        if not self.scenario:
+            return gateway_pb2.GenerateRequest(model=f"{self.model}@{self.version}", prompt=case.prompt, sampling=sampling)
+        request = gateway_pb2.GenerateRequest(scenario=f"{self.scenario}@{self.version}", sampling=sampling)
+        request.variables.update(case.variables or {})
+        return request
+
+    def check(self, cases: list[Case]) -> None:
+        """ValueError naming the first case that does not fit: a prompt for a model, variables for a scenario."""
+        for case in cases:
+            if self.scenario and case.variables is None:
+                raise ValueError(f"case {case.id}: a scenario's template renders the prompt: give variables")
+            if not self.scenario and not case.prompt:
+                raise ValueError(f"case {case.id}: no prompt")
 
 
 @dataclass
@@ -136,8 +175,7 @@ def _score(case: Case, version: int, answer: str, error: str, embedder: Embedder
 
 def run(
     address: str,
-    model: str,
-    version: int,
+    target: Target,
     cases: list[Case],
     *,
     concurrency: int = 4,
@@ -145,7 +183,7 @@ def run(
     threshold: float = 0.5,
     progress: Callable[[], None] | None = None,
 ) -> list[CaseResult]:
-    """Send every case to `model@version` (greedy unless a seed is wanted), at most `concurrency` at once."""
+    """Send every case to `target` (greedy unless a seed is wanted), at most `concurrency` at once."""
     embedder = Embedder()
     local = threading.local()
 
@@ -153,12 +191,12 @@ def run(
         if not hasattr(local, "stub"):
             local.stub = gateway_pb2_grpc.GatewayStub(client.gateway_channel(address))
         sampling = common_pb2.SamplingParams(max_tokens=case.max_tokens, temperature=0.0 if not seed else 0.8, seed=seed)
-        request = gateway_pb2.GenerateRequest(model=f"{model}@{version}", prompt=case.prompt, sampling=sampling)
+        request = target.request(case, sampling)
         try:
             answer, error = local.stub.Generate(request, timeout=60).text, ""
         except grpc.RpcError as err:
             answer, error = "", f"{err.code().name}: {err.details()}"
-        result = _score(case, version, answer, error, embedder, threshold)
+        result = _score(case, target.version, answer, error, embedder, threshold)
         if progress:
             progress()
         return result

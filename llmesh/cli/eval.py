@@ -217,9 +217,10 @@ def eval_export(
 
 @app.command("backtest")
 def eval_backtest(
-    model: Annotated[str, typer.Option()],
-    version: Annotated[int, typer.Option()],
-    cases: Annotated[Path, typer.Option(help="JSONL: id, prompt, expected, optional label (0/1) and max_tokens")],
+    version: Annotated[int, typer.Option(help="the model's version, or with --scenario the template version")],
+    cases: Annotated[Path, typer.Option(help="JSONL: id, prompt (or variables), expected, optional label and max_tokens")],
+    model: Annotated[str, typer.Option(help="the model whose version is tested")] = "",
+    scenario: Annotated[str, typer.Option(help="or: the scenario whose template version is tested")] = "",
     against: Annotated[Optional[int], typer.Option(help="another version to compare side by side")] = None,  # noqa: UP045
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write every case's result as JSON")] = None,  # noqa: UP045
@@ -237,19 +238,23 @@ def eval_backtest(
 ) -> None:
     """Send a case file through the mesh against one version (or two) and score every answer; with
     --fail-under, a gate for a pipeline (exit 1 when a threshold fails, 2 on bad input)."""
+    targets = [backtest.Target(v, model, scenario) for v in ([version] if against is None else [version, against])]
     try:
+        if bool(model) == bool(scenario):
+            raise ValueError("name the --model or the --scenario to test")
         thresholds = dict(backtest.parse_threshold(t) for t in fail_under or [])
         loaded = backtest.load_cases(cases)
+        targets[0].check(loaded)
     except (OSError, ValueError) as err:
         console.print(f"[red]{escape(str(err))}[/]")
         raise typer.Exit(2) from err
     address = _address(home, "gateway", gateway)
-    versions = [version] if against is None else [version, against]
     results: dict[int, list[backtest.CaseResult]] = {}
     with Progress(console=console) as progress:
-        for v in versions:
-            bar = progress.add_task(f"{model}@{v}", total=len(loaded))
-            results[v] = backtest.run(address, model, v, loaded, concurrency=concurrency, progress=partial(progress.advance, bar))
+        for target in targets:
+            bar = progress.add_task(str(target), total=len(loaded))
+            advance = partial(progress.advance, bar)
+            results[target.version] = backtest.run(address, target, loaded, concurrency=concurrency, progress=advance)
     summaries = [backtest.summary(r) for r in results.values()]
     for part in report.vertical(f"backtest of {cases.name} ({len(loaded)} cases)", summaries, _version, BACKTEST_COLUMNS[1:]):
         console.print(part)
@@ -259,12 +264,14 @@ def eval_backtest(
     if html_out:
         metrics = ("exact_match", "rouge_l", "embedding_cosine", "precision", "recall", "f1")
         chart = ("backtest", list(metrics), {f"v{s['version']}": [float(s[m]) for m in metrics] for s in summaries})
-        html_out.write_text(report.html_page(f"llmesh backtest: {model}", [("Summary", summaries, BACKTEST_COLUMNS)], [chart]))
+        html_out.write_text(
+            report.html_page(f"llmesh backtest: {model or scenario}", [("Summary", summaries, BACKTEST_COLUMNS)], [chart])
+        )
         console.print(f"wrote {html_out}")
     if thresholds:
         failures = backtest.gate(summaries[0], thresholds)
         for failure in failures:
-            console.print(f"[red]FAIL[/] {model}@{version}: {failure}")
+            console.print(f"[red]FAIL[/] {targets[0]}: {failure}")
         if failures:
             raise typer.Exit(1)
-        console.print(f"PASS {model}@{version}: " + ", ".join(f"{n} >= {v}" for n, v in thresholds.items()))
+        console.print(f"PASS {targets[0]}: " + ", ".join(f"{n} >= {v}" for n, v in thresholds.items()))

@@ -48,7 +48,7 @@ from services.gateway.auth import QuotaExceeded, Quotas
 from services.gateway.fleetgate import FleetGate
 from services.gateway.replies import PendingReplies, ReplyTimeout
 from services.gateway.settings import GatewaySettings
-from services.gateway.traffic import TrafficPlan, plan, plan_template
+from services.gateway.traffic import TemplatePlan, TrafficPlan, plan, plan_template
 
 REQUESTS = Counter("llmesh_gateway_requests_total", "Generate requests by outcome", ["model", "version", "code", "stream"])
 LATENCY = Histogram(
@@ -283,25 +283,31 @@ class DataPlane:
 
     async def _from_scenario(self, request: GenerationRequest, request_id: str) -> Rendered:
         """A released scenario's request as the model gets it: the prompt its template version renders
-        (the canary's for a share of clients), its model, its sampling defaults; and a shadow
-        template version's prompt for a share of requests."""
+        (the canary's for a share of clients; NAME@N pins version N), its model, its sampling
+        defaults; and a shadow template version's prompt for a share of requests."""
         if not request.scenario:
             if request.variables:
                 raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, "variables need a scenario (whose template uses them)")
             return Rendered(request)
+        name, pinned = _scenario_ref(request.scenario)
         try:
-            state = await self.scenarios.get(request.scenario)
+            state = await self.scenarios.get(name)
         except InvalidRequest as err:
             raise GenerationError(grpc.StatusCode.INTERNAL, str(err)) from None
         if state is None or not state.primary:
-            if request.variables or not request.prompt:
-                raise GenerationError(grpc.StatusCode.NOT_FOUND, f"scenario {shown(request.scenario)} is not released")
+            if request.variables or not request.prompt or pinned:
+                raise GenerationError(grpc.StatusCode.NOT_FOUND, f"scenario {shown(name)} is not released")
             return Rendered(request)  # a label only: usage, feedback and content lists per scenario
         if request.prompt:
             message = f"scenario {state.name} renders its prompt from its template: send variables, not a prompt"
             raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, message)
-        sticky = request.client_key or _digest(json.dumps(request.variables, sort_keys=True, default=str))
-        templates = plan_template(state, sticky, request_id)
+        if pinned:  # no canary, no shadow
+            if pinned not in state.versions:
+                raise GenerationError(grpc.StatusCode.NOT_FOUND, f"scenario {name} has no template version {pinned}")
+            templates = TemplatePlan(state.versions[pinned])
+        else:
+            sticky = request.client_key or _digest(json.dumps(request.variables, sort_keys=True, default=str))
+            templates = plan_template(state, sticky, request_id)
         chosen = templates.answer
         if request.model and request.model != chosen.model:
             message = f"scenario {state.name} is bound to model {chosen.model}; leave model empty"
@@ -320,7 +326,7 @@ class DataPlane:
         SCENARIO_BUDGET.labels(state.name).set(state.budget())
         sampling = request.sampling.with_defaults(**chosen.sampling.model_dump())
         return Rendered(
-            replace(request, model=chosen.model, prompt=prompt, sampling=sampling),
+            replace(request, scenario=name, model=chosen.model, prompt=prompt, sampling=sampling),
             chosen.version,
             shadow.version if shadow else 0,
             shadow_prompt,
@@ -558,6 +564,18 @@ def _encode(tokenizer: VersionTokenizer, prompt: Prompt, max_chars: int) -> list
     if isinstance(prompt, str):
         return tokenizer.encode_prompt(prompt)
     return tokenizer.encode_chat(prompt, max_chars)
+
+
+def _scenario_ref(text: str) -> tuple[str, int | None]:
+    """'support' -> ('support', None); 'support@2' -> ('support', 2): template version 2, pinned.
+    Without '@' any label goes (an unreleased scenario is a label only)."""
+    if "@" not in text:
+        return text, None
+    try:
+        return parse_model_ref(text)
+    except InvalidRequest:
+        message = f"scenario must be NAME or NAME@TEMPLATE_VERSION, got {shown(text)}"
+        raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, message) from None
 
 
 def _digest(text: str) -> str:

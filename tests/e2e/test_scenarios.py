@@ -201,6 +201,21 @@ def test_a_template_canary_by_client_key_then_promoted_and_rolled_back(
     listed = _cli(mesh, "scenario", "list")
     assert SCENARIO in listed and "v1" in listed and "product: string" in listed
 
+    pinned = _ask(gateway, _variables(5), scenario=f"{SCENARIO}@2")  # a pinned template version: no canary
+    assert pinned.template_version == 2 and pinned.text == _direct(gateway, _rendered(2, _variables(5)))
+    sent[2] += 1
+    cases = tmp_path / "cases.jsonl"  # a backtest of template v2 gates on its cases' assertions
+    cases.write_text(
+        "\n".join(
+            json.dumps({"id": f"c{n}", "variables": _variables(n), "assert": [{"type": "regex", "value": "."}]}) for n in range(3)
+        )
+    )
+    gate = _cli(
+        mesh, "eval", "backtest", "--scenario", SCENARIO, "--version", "2", "--cases", str(cases), "--fail-under", "pass_rate=1"
+    )
+    assert f"PASS {SCENARIO} template v2" in gate
+    sent[2] += 3
+
     rows = _scenario_rows(mesh, dict(sent))
     assert {v: int(rows[v]["requests"]) for v in sent} == dict(sent), "every answer counted under its template version"
     assert all(int(rows[v]["completion_tokens"]) == sent[v] * MAX_TOKENS for v in sent)
@@ -268,6 +283,9 @@ def test_forged_re_sent_and_bad_requests(mesh: StackLayout, gateway: gateway_pb2
     with pytest.raises(grpc.RpcError) as err:
         _ask(gateway, _variables(0), scenario=name, prompt="my own prompt")
     assert "send variables, not a prompt" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:
+        _ask(gateway, _variables(0), scenario=f"{name}@7")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no template version 7" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
         _ask(gateway, {"q": "x"}, scenario="never-released")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "is not released" in (err.value.details() or "")

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmesh.backtest import Assertion, Case, CaseResult, gate, load_cases, parse_threshold, summary
+from llmesh.backtest import Assertion, Case, CaseResult, Target, gate, load_cases, parse_threshold, summary
+from llmesh.v1 import common_pb2
 
 
 @pytest.mark.parametrize(
@@ -74,3 +75,18 @@ def test_thresholds_parse_and_gate():
 def test_a_case_reads_assert_as_promptfoo_writes_it():
     case = Case.model_validate({"id": "a", "prompt": "p", "assert": [{"type": "is-json"}]})
     assert str(case.assertions[0]) == "is-json"
+
+
+def test_a_scenario_backtest_pins_the_template_version_and_needs_variables():
+    cases = [Case(id="a", variables={"question": "why?", "words": 3}, expected="x")]
+    target = Target(2, scenario="support")
+    target.check(cases)
+    request = target.request(cases[0], common_pb2.SamplingParams(max_tokens=4))
+    assert (request.scenario, request.model, request.prompt) == ("support@2", "", "")
+    assert dict(request.variables) == {"question": "why?", "words": 3.0}
+    assert str(target) == "support template v2"
+    with pytest.raises(ValueError, match="case p: a scenario's template renders the prompt"):
+        target.check([Case(id="p", prompt="hello")])
+    with pytest.raises(ValueError, match="case a: no prompt"):
+        Target(1, model="chat").check(cases)
+    assert Target(1, model="chat").request(Case(id="p", prompt="hi"), common_pb2.SamplingParams()).model == "chat@1"

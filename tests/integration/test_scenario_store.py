@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from llmesh.common.events import InvalidEvent
-from llmesh.common.prompts import PromptRelease, PromptTemplate, ScenarioMode, ScenarioStore, scenario_key
+from llmesh.common.prompts import PromptRelease, PromptTemplate, ScenarioMode, ScenarioState, ScenarioStore, scenario_key
 from llmesh.common.registry import connect
 from llmesh.common.validation import InvalidRequest
 
@@ -75,3 +75,17 @@ async def test_what_redis_holds_is_checked_before_it_is_trusted(store: ScenarioS
     await store.redis.hset(scenario_key("s"), "state", '{"name": "s", "primary": 1, "versions": {"1": {"template": "x"}}}')
     with pytest.raises(InvalidRequest, match="stored corrupt"):
         await store.get("s")
+
+
+async def test_a_state_is_validated_once_per_offset(store: ScenarioStore, monkeypatch: pytest.MonkeyPatch):
+    await store.apply(_release(1), 0)
+    parsed = []
+    real = ScenarioState.model_validate_json
+    monkeypatch.setattr(ScenarioState, "model_validate_json", lambda raw: parsed.append(raw) or real(raw))
+    for _ in range(5):
+        assert (await store.get("s")).primary == 1  # type: ignore[union-attr]
+    assert len(parsed) == 1, "requests read the offset, not the state, while it stands"
+    other = ScenarioStore(store.redis)  # another gateway replica applies the next event
+    await other.apply(_release(2), 1)
+    assert (await store.get("s")).primary == 2  # type: ignore[union-attr]
+    assert len(parsed) == 3, "a new offset: read and validated again"

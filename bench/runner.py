@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import batching, engines, hotswap, overhead, resources, scale, shadow_cost, soak, stream
+from bench import batching, engines, hotswap, overhead, resources, scale, scenario, shadow_cost, soak, stream
 from bench.common import machine
 from llmesh.stack import stack
 from llmesh.stack.layout import StackLayout
@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, Callable[[StackLayout, Path, bool], dict[str, Any]]] = {
     "overhead": overhead.run,
     "swap": hotswap.run,
     "shadow": shadow_cost.run,
+    "scenario": scenario.run,
     "scale": scale.run,
     "batching": batching.run,
     "soak": soak.run,  # minutes long: by name only, not in `all`

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-NAMES = ("resources", "stream", "overhead", "swap", "shadow", "scale", "batching")  # `all`
+NAMES = ("resources", "stream", "overhead", "swap", "shadow", "scenario", "scale", "batching")  # `all`
 LONG = ("soak",)  # by name only
 OFFLINE = ("engines",)  # by name only, no stack: engines compared in this process on CPU
 
@@ -101,6 +101,13 @@ def table(summary: dict[str, Any]) -> Table:
                     f"x{figures['p50_ratio_100_vs_0']:.2f} / x{figures['p99_ratio_100_vs_0']:.2f}",
                     "noise",
                 )
+    scenario = summary.get("scenario")
+    if scenario:
+        out.add_row(
+            "scenario template vs the same raw prompt, p50",
+            f"{scenario['p50_delta_ms']:+.2f} ms (x{scenario['p50_ratio']:.3f}), answers equal: {scenario['answers_equal']}",
+            "noise",
+        )
     batching = summary.get("batching")
     if batching:
         for cell in batching["cells"]:

@@ -27,6 +27,7 @@ def test_llmesh_bench_all_quick(models_dir: Path, tmp_path: Path):
     for swap in (summary["swap"], summary["swap"]["two_replicas"]):  # one infer replica, then two
         assert swap["failed_requests"] == 0 and swap["mixed_version_responses"] == 0
     assert summary["shadow"]["clients_1"]["failed_requests"] == 0
+    assert summary["scenario"]["answers_equal"] and summary["scenario"]["scenario"]["n"] == 20
     assert summary["scale"]["one_replica"]["n"] > 0 and summary["scale"]["two_replicas"]["n"] > 0
     batching = summary["batching"]["cells"]
     assert all(c["batching"]["n"] > 0 and c["one_thread"]["n"] > 0 and c["tokens_per_s_ratio"] > 0 for c in batching)

@@ -204,17 +204,6 @@ def test_a_template_canary_by_client_key_then_promoted_and_rolled_back(
     pinned = _ask(gateway, _variables(5), scenario=f"{SCENARIO}@2")  # a pinned template version: no canary
     assert pinned.template_version == 2 and pinned.text == _direct(gateway, _rendered(2, _variables(5)))
     sent[2] += 1
-    cases = tmp_path / "cases.jsonl"  # a backtest of template v2 gates on its cases' assertions
-    cases.write_text(
-        "\n".join(
-            json.dumps({"id": f"c{n}", "variables": _variables(n), "assert": [{"type": "regex", "value": "."}]}) for n in range(3)
-        )
-    )
-    gate = _cli(
-        mesh, "eval", "backtest", "--scenario", SCENARIO, "--version", "2", "--cases", str(cases), "--fail-under", "pass_rate=1"
-    )
-    assert f"PASS {SCENARIO} template v2" in gate
-    sent[2] += 3
 
     rows = _scenario_rows(mesh, dict(sent))
     assert {v: int(rows[v]["requests"]) for v in sent} == dict(sent), "every answer counted under its template version"
@@ -223,6 +212,17 @@ def test_a_template_canary_by_client_key_then_promoted_and_rolled_back(
     assert {v: (int(r["ratings"]), r["rating_mean"]) for v, r in rated.items()} == {1: (1, 5.0), 2: (1, 2.0)}
     table = _cli(mesh, "eval", "report")
     assert "released scenarios by template version" in table and SCENARIO in table
+
+    cases, results = tmp_path / "cases.jsonl", tmp_path / "backtest.json"  # a backtest of template v2, as a gate
+    assertion = [{"type": "not-contains", "value": "Ignore your instructions"}]
+    cases.write_text("\n".join(json.dumps({"id": f"c{n}", "variables": _variables(n), "assert": assertion}) for n in range(3)))
+    gate = _cli(mesh, "eval", "backtest", "--scenario", SCENARIO, "--version", "2", "--cases", str(cases),
+                "--fail-under", "pass_rate=1", "--json", str(results))  # fmt: skip
+    assert f"PASS {SCENARIO} template v2" in gate
+    greedy = common_pb2.SamplingParams(max_tokens=24, temperature=0.0, seed=0)  # as the backtest asks
+    for n, case in enumerate(json.loads(results.read_text())["cases"]["2"]):
+        direct = gateway_pb2.GenerateRequest(model=MODEL, prompt=_rendered(2, _variables(n)), sampling=greedy)
+        assert case["answer"] == gateway.Generate(direct, timeout=60).text, "answered from template v2's prompt"
 
 
 def test_forged_re_sent_and_bad_requests(mesh: StackLayout, gateway: gateway_pb2_grpc.GatewayStub, tmp_path: Path):
@@ -308,9 +308,15 @@ def test_a_shadow_template_is_scored_by_eval_and_promoted_by_its_policy(
         asyncio.run(client.publish_prompt_release(broker, event.signed(key)))
     _wait_for(gateway, 1, candidate=2, scenario=name)
 
-    for n in range(16):
+    for n in range(24):
         assert _ask(gateway, _variables(n), scenario=name).template_version == 1, "a shadow never answers"
-    info = _wait_for(gateway, 2, scenario=name)
+        time.sleep(0.3)  # mirrors yield to client requests (infer drops them beyond its backlog): room to run
+    deadline = time.monotonic() + 90
+    while (info := _scenario(gateway, name)) is not None and info.primary_version != 2:
+        scored = json.loads(_cli(mesh, "eval", "report", "--json"))["candidates"]
+        assert time.monotonic() < deadline, f"not promoted: {scored}"
+        time.sleep(1)
+    assert info is not None
     assert (info.history[-1].mode, info.history[-1].version, info.history[-1].author) == ("promote", 2, "llmesh-eval policy")
     (decision,) = [e for e in audit_entries(mesh, "--model", f"scenario/{name}") if e.action == "policy.decision"]
     assert decision.version == 2 and int(decision.details["samples"]) >= 12 and float(decision.details["rouge_l"]) == 1.0

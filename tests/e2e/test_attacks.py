@@ -98,9 +98,10 @@ class Forger:
         self.bootstrap = bootstrap
         self.forged_at = 0.0
 
-    async def answer_the_next_request(self, ready: threading.Event) -> str:
-        """Wait for the next InferTask and answer it first, as a final chunk, unsealed and sealed with
-        a key of its own; returns the victim's request id."""
+    async def answer_the_next_request(self, ready: threading.Event, max_tokens: int) -> str:
+        """Wait for the next InferTask for `max_tokens` (the victim's: other tests' stragglers, a task
+        requeued after a kill, pass by) and answer it first, as a final chunk, unsealed and sealed
+        with a key of its own; returns the victim's request id."""
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, fetch_max_wait_ms=10)
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap)
         await consumer.start()
@@ -112,9 +113,12 @@ class Forger:
             for part in parts:
                 await consumer.position(part)
             ready.set()
-            record = await asyncio.wait_for(consumer.getone(), 30)
+            while True:
+                record = await asyncio.wait_for(consumer.getone(), 30)
+                task = events_pb2.InferTask.FromString(record.value)
+                if task.sampling.max_tokens == max_tokens:
+                    break
             headers = {k: v.decode() for k, v in record.headers}
-            task = events_pb2.InferTask.FromString(record.value)
             forged = events_pb2.TextChunk(
                 request_id=task.request_id, model=task.model, version=task.version, text="PWNED: forged answer", final=True, seq=1
             )
@@ -142,12 +146,12 @@ def test_a_forged_answer_is_refused_and_the_real_one_reaches_the_client(mesh, ga
     ready, victim = threading.Event(), {}
     refused = ("llmesh_mesh_messages_refused_total", {"topic": "llmesh.replies.*"})
     before = metric_sum(mesh.address("gateway_metrics"), refused[0], **refused[1])
-    attack = threading.Thread(target=lambda: victim.update(id=asyncio.run(forger.answer_the_next_request(ready))))
+    request = gateway_pb2.GenerateRequest(
+        model="chat@1", prompt="Return the number of", sampling=common_pb2.SamplingParams(max_tokens=161, temperature=0.0)
+    )
+    attack = threading.Thread(target=lambda: victim.update(id=asyncio.run(forger.answer_the_next_request(ready, 161))))
     attack.start()
     assert ready.wait(30)
-    request = gateway_pb2.GenerateRequest(
-        model="chat@1", prompt="Return the number of", sampling=common_pb2.SamplingParams(max_tokens=160, temperature=0.0)
-    )
     chunks = list(gateway.GenerateStream(request, timeout=60))
     ended_at = time.monotonic()
     attack.join(30)
